@@ -1,0 +1,456 @@
+"""The Griffin network (RecurrentGemma): RG-LRU recurrences and local multi-query attention.
+
+Griffin paper: arXiv 2402.19427; RecurrentGemma report: arXiv 2404.07839.
+
+Shapes: B batch, T time, D width, L lru width, H heads, K head dim, W window,
+V vocabulary, M MLP width per branch.
+
+Positions give each token's position in its document: position 0 starts a
+new document (the state is reset, and neither the convolution nor attention
+looks across it); position -1 marks left padding, which leaves the state and
+every real token's output unchanged.
+
+The state passed to a forward call is updated in place and returned; use
+`state.clone()` to keep a snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rgemma.config import RECURRENT, Config
+from rgemma.scan import linear_scan
+from rgemma.state import AttentionState, RecurrentState, State
+
+# Queries are processed in blocks of this many, so attention memory is
+# O(T x W), never O(T^2).
+ATTENTION_QUERY_BLOCK = 512
+# Long inputs to `prefill` are read in chunks of this many tokens.
+PREFILL_CHUNK = 2048
+# Gradient of sqrt is clipped at this value (bf16 training stability).
+MAX_SQRT_GRADIENT = 1000.0
+
+
+@dataclasses.dataclass
+class TokenLayout:
+    """Where documents start and where padding is, computed once per forward call."""
+
+    positions: torch.Tensor  # (B, T) int64, -1 for left padding
+    is_pad: torch.Tensor  # (B, T) bool
+    segment: torch.Tensor  # (B, T) document starts so far; 0 = the state's own document
+    num_pad: torch.Tensor  # (B,)
+    max_pad: int
+    has_history: bool  # the state holds earlier tokens (else attention can skip it)
+
+    @classmethod
+    def of(cls, positions: torch.Tensor, has_history: bool) -> TokenLayout:
+        is_pad = positions < 0
+        num_pad = is_pad.sum(dim=1)
+        return cls(
+            positions=positions,
+            is_pad=is_pad,
+            segment=torch.cumsum(positions == 0, dim=1),
+            num_pad=num_pad,
+            max_pad=int(num_pad.max()),
+            has_history=has_history,
+        )
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + scale), computed in float32; the scale is stored zero-centred."""
+
+    def __init__(self, width: int, eps: float, **factory):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(width, **factory))
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def _normal_(weight: torch.Tensor, variance_scale: float, fan_in: int):
+    nn.init.normal_(weight, mean=0.0, std=math.sqrt(variance_scale / fan_in))
+
+
+def _init_linear(linear: nn.Linear, variance_scale: float = 1.0):
+    _normal_(linear.weight, variance_scale, linear.in_features)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class MLP(nn.Module):
+    """Gated GeLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config, **factory):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.width, config.mlp_width, **factory)
+        self.up_proj = nn.Linear(config.width, config.mlp_width, **factory)
+        self.down_proj = nn.Linear(config.mlp_width, config.width, **factory)
+
+    def reset_parameters(self, final_variance_scale: float):
+        _init_linear(self.gate_proj)
+        _init_linear(self.up_proj)
+        _init_linear(self.down_proj, final_variance_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Conv1D(nn.Module):
+    """Depthwise causal convolution over time whose taps never cross a document start.
+
+    Weight layout (L, 1, conv_width) as torch's Conv1d: weight[:, 0, -1]
+    multiplies the current input, weight[:, 0, -1 - j] the input j steps back.
+    """
+
+    def __init__(self, width: int, conv_width: int, **factory):
+        super().__init__()
+        self.conv_width = conv_width
+        self.weight = nn.Parameter(torch.empty(width, 1, conv_width, **factory))
+        self.bias = nn.Parameter(torch.empty(width, **factory))
+
+    def reset_parameters(self):
+        _normal_(self.weight, 0.01, self.conv_width)
+        nn.init.zeros_(self.bias)
+
+    def forward(
+        self, x: torch.Tensor, layout: TokenLayout, taps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, L), taps (B, C, L) -> output (B, T, L), new taps (B, C, L)."""
+        num_taps = self.conv_width - 1
+        length = x.shape[1]
+        history = torch.cat([taps.to(x.dtype), x], dim=1)  # (B, C + T, L)
+        if layout.max_pad:
+            # Drop each row's left padding so that its first real token reads the taps.
+            index = torch.arange(num_taps + length, device=x.device)[None]
+            shift = layout.num_pad[:, None]
+            index = torch.where(index < shift + num_taps, index - shift, index).clamp(min=0)
+            history = history.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
+        out = self.bias + history[:, num_taps:] * self.weight[:, 0, -1]
+        for back in range(1, self.conv_width):
+            # A tap `back` steps behind a token at document position p exists only if p >= back.
+            in_document = (layout.positions >= back)[..., None].to(x.dtype)
+            window = history[:, num_taps - back : num_taps - back + length]
+            out = out + window * in_document * self.weight[:, 0, -1 - back]
+        return out, history[:, -num_taps:]
+
+
+class _SqrtClippedGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # d sqrt(x)/dx = 1 / (2 sqrt(x)), clipped at MAX_SQRT_GRADIENT.
+        return grad / torch.sqrt(torch.clamp(4.0 * x, min=1.0 / MAX_SQRT_GRADIENT**2))
+
+
+class RGLRU(nn.Module):
+    """Real-Gated Linear Recurrent Unit (Griffin paper, eq. 1-4), c = 8.
+
+    The gates are block-diagonal linears (one block per head) of the input
+    only. Everything from the gates to the recurrence runs in float32.
+    """
+
+    def __init__(self, width: int, num_heads: int, **factory):
+        super().__init__()
+        self.num_heads = num_heads
+        block = width // num_heads
+        self.recurrent_param = nn.Parameter(torch.empty(width, **factory))
+        self.input_gate_weight = nn.Parameter(torch.empty(num_heads, block, block, **factory))
+        self.input_gate_bias = nn.Parameter(torch.empty(num_heads, block, **factory))
+        self.recurrent_gate_weight = nn.Parameter(torch.empty(num_heads, block, block, **factory))
+        self.recurrent_gate_bias = nn.Parameter(torch.empty(num_heads, block, **factory))
+
+    def reset_parameters(self):
+        block = self.input_gate_weight.shape[-1]
+        for weight, bias in (
+            (self.input_gate_weight, self.input_gate_bias),
+            (self.recurrent_gate_weight, self.recurrent_gate_bias),
+        ):
+            _normal_(weight, 1.0, block)
+            nn.init.zeros_(bias)
+        # softplus(param) = -log(radius), so a_t = radius^(8 r_t), with radius^2
+        # uniform in [0.9^2, 0.999^2]: long memories from the start.
+        with torch.no_grad():
+            radius_sq = torch.empty_like(self.recurrent_param, dtype=torch.float32).uniform_(0.9**2 + 1e-8, 0.999**2 + 1e-8)
+            log_radius = 0.5 * torch.log(radius_sq)
+            # softplus(param) = -log(radius)  <=>  param = log(1/radius - 1)
+            self.recurrent_param.copy_(torch.log(torch.expm1(-log_radius)))
+
+    def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        heads = x.view(batch, length, self.num_heads, -1)  # (B, T, H, L/H)
+        y = torch.einsum("bthi,hij->bthj", heads, weight) + bias
+        return torch.sigmoid(y.float()).reshape(batch, length, width)
+
+    def forward(
+        self, x: torch.Tensor, layout: TokenLayout, h0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, L), h0 (B, L) float32 -> y (B, T, L), last state (B, L) float32."""
+        input_gate = self._gate(x, self.input_gate_weight, self.input_gate_bias)
+        recurrence_gate = self._gate(x, self.recurrent_gate_weight, self.recurrent_gate_bias)
+        log_a = -8.0 * recurrence_gate * F.softplus(self.recurrent_param.float())
+        a = torch.exp(log_a)
+        # sqrt(1 - a^2) normalises the input; -expm1 keeps precision when a -> 1.
+        multiplier = _SqrtClippedGradient.apply(-torch.expm1(2.0 * log_a))
+        reset = (layout.positions == 0)[..., None]
+        pad = layout.is_pad[..., None]
+        # At a document start the state is dropped and the input passes whole;
+        # padding carries the state through unchanged.
+        a = a.masked_fill(reset, 0.0).masked_fill(pad, 1.0)
+        multiplier = multiplier.masked_fill(reset, 1.0)
+        u = (x.float() * input_gate * multiplier).masked_fill(pad, 0.0)
+        h, h_last = linear_scan(a, u, h0)
+        return h.to(x.dtype), h_last
+
+
+class RecurrentBlock(nn.Module):
+    """out = linear_out(RG-LRU(conv(linear_x(x))) * gelu_tanh(linear_y(x)))."""
+
+    def __init__(self, config: Config, **factory):
+        super().__init__()
+        self.linear_y = nn.Linear(config.width, config.lru_width, **factory)
+        self.linear_x = nn.Linear(config.width, config.lru_width, **factory)
+        self.linear_out = nn.Linear(config.lru_width, config.width, **factory)
+        self.conv_1d = Conv1D(config.lru_width, config.conv_width, **factory)
+        self.rg_lru = RGLRU(config.lru_width, config.num_heads, **factory)
+
+    def reset_parameters(self, final_variance_scale: float):
+        _init_linear(self.linear_y)
+        _init_linear(self.linear_x)
+        _init_linear(self.linear_out, final_variance_scale)
+        self.conv_1d.reset_parameters()
+        self.rg_lru.reset_parameters()
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout, state: RecurrentState) -> torch.Tensor:
+        y = F.gelu(self.linear_y(x), approximate="tanh")
+        u, state.conv = self.conv_1d(self.linear_x(x), layout, state.conv)
+        h0 = state.h if layout.has_history else None
+        u, state.h = self.rg_lru(u, layout, h0)
+        return self.linear_out(u * y)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary embedding on the first half of the head dim only. x (B, T, N, K), positions (B, T)."""
+    rope_dim = x.shape[-1] // 2
+    half = rope_dim // 2
+    exponents = torch.arange(half, device=x.device, dtype=torch.float32) * 2.0 / rope_dim
+    inv_freq = 1.0 / base**exponents  # (K/4,)
+    angles = positions.clamp(min=0).float()[..., None, None] * inv_freq  # (B, T, 1, K/4)
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    x32 = x.float()
+    first, second, rest = x32[..., :half], x32[..., half:rope_dim], x32[..., rope_dim:]
+    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin, rest], dim=-1)
+    return rotated.to(x.dtype)
+
+
+class LocalAttention(nn.Module):
+    """Multi-query attention over a sliding window: a query at position q sees keys q-W..q."""
+
+    def __init__(self, config: Config, **factory):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.window = config.attention_window
+        self.rope_base = config.rope_base
+        self.q_proj = nn.Linear(config.width, config.width, bias=False, **factory)
+        self.k_proj = nn.Linear(config.width, config.head_dim, bias=False, **factory)
+        self.v_proj = nn.Linear(config.width, config.head_dim, bias=False, **factory)
+        self.o_proj = nn.Linear(config.width, config.width, bias=True, **factory)
+
+    def reset_parameters(self, final_variance_scale: float):
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            _init_linear(proj)
+        _init_linear(self.o_proj, final_variance_scale)
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout, state: AttentionState) -> torch.Tensor:
+        batch, length, width = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, 1, self.head_dim)
+        v = self.v_proj(x)  # (B, T, K)
+        q = apply_rope(q, layout.positions, self.rope_base)
+        k = apply_rope(k, layout.positions, self.rope_base)[:, :, 0]  # (B, T, K)
+        out = torch.cat(
+            [self._attend_block(q, k, v, start, layout, state) for start in range(0, length, ATTENTION_QUERY_BLOCK)],
+            dim=1,
+        )  # (B, T, H, K)
+        self._remember(k, v, layout, state)
+        return self.o_proj(out.reshape(batch, length, width))
+
+    def _attend_block(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, layout: TokenLayout, state: AttentionState
+    ) -> torch.Tensor:
+        """Queries start:start+block against the keys they may see. Returns (B, block, H, K)."""
+        end = min(start + ATTENTION_QUERY_BLOCK, q.shape[1])
+        # Within one document, index distance equals position distance, so no
+        # key more than W indices back is visible.
+        key_start = max(0, start - self.window)
+        q_pos = layout.positions[:, start:end, None]  # (B, Q, 1)
+        k_pos = layout.positions[:, None, key_start:end]  # (B, 1, S)
+        distance = q_pos - k_pos
+        visible = (
+            (layout.segment[:, start:end, None] == layout.segment[:, None, key_start:end])
+            & (k_pos >= 0) & (distance >= 0) & (distance <= self.window)
+        )
+        keys, values = k[:, key_start:end], v[:, key_start:end]
+        if layout.has_history and start < self.window + layout.max_pad:
+            # Keys of the state's document, seen by queries that still belong to it.
+            cached_distance = q_pos - state.pos[:, None, :]
+            cached_visible = (
+                (layout.segment[:, start:end, None] == 0) & (state.pos[:, None, :] >= 0)
+                & (cached_distance >= 0) & (cached_distance <= self.window)
+            )
+            visible = torch.cat([cached_visible, visible], dim=2)
+            keys = torch.cat([state.k.to(k.dtype), keys], dim=1)
+            values = torch.cat([state.v.to(v.dtype), values], dim=1)
+        # Padding queries see everything, so that their (unused) outputs stay finite.
+        visible = visible | layout.is_pad[:, start:end, None]
+        out = F.scaled_dot_product_attention(
+            q[:, start:end].transpose(1, 2),  # (B, H, Q, K)
+            keys[:, None],  # (B, 1, S, K)
+            values[:, None],
+            attn_mask=visible[:, None],  # (B, 1, Q, S)
+            scale=self.head_dim**-0.5,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2)
+
+    def _remember(self, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, state: AttentionState):
+        """Write the last W keys of each row's current document into its ring buffer."""
+        positions = layout.positions
+        started = (positions == 0).any(dim=1)  # a new document: forget the old one
+        state.pos.masked_fill_(started[:, None], -1)
+        last = positions[:, -1:]
+        keep = (layout.segment == layout.segment[:, -1:]) & (positions >= 0) & (positions > last - self.window)
+        rows, cols = keep.nonzero(as_tuple=True)
+        slots = positions[rows, cols] % self.window
+        state.k[rows, slots] = k[rows, cols].to(state.k.dtype)
+        state.v[rows, slots] = v[rows, cols].to(state.v.dtype)
+        state.pos[rows, slots] = positions[rows, cols]
+
+
+class ResidualBlock(nn.Module):
+    """x += temporal(norm(x)); x += mlp(norm(x))."""
+
+    def __init__(self, config: Config, block_type: str, **factory):
+        super().__init__()
+        self.temporal_pre_norm = RMSNorm(config.width, config.norm_eps, **factory)
+        temporal = RecurrentBlock if block_type == RECURRENT else LocalAttention
+        self.temporal_block = temporal(config, **factory)
+        self.channel_pre_norm = RMSNorm(config.width, config.norm_eps, **factory)
+        self.mlp_block = MLP(config, **factory)
+
+    def reset_parameters(self, final_variance_scale: float):
+        self.temporal_pre_norm.reset_parameters()
+        self.temporal_block.reset_parameters(final_variance_scale)
+        self.channel_pre_norm.reset_parameters()
+        self.mlp_block.reset_parameters(final_variance_scale)
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout, state) -> torch.Tensor:
+        x = x + self.temporal_block(self.temporal_pre_norm(x), layout, state)
+        return x + self.mlp_block(self.channel_pre_norm(x))
+
+
+class Griffin(nn.Module):
+    def __init__(self, config: Config, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        factory = {"dtype": dtype, "device": device}
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.width, **factory)
+        self.layers = nn.ModuleList(ResidualBlock(config, block_type, **factory) for block_type in config.block_types)
+        self.final_norm = RMSNorm(config.width, config.norm_eps, **factory)
+        if torch.device(device or "cpu").type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self):
+        """The official initialisation: fan-in scaled normals, zero biases and norms."""
+        _normal_(self.embed_tokens.weight, 1.0, self.config.width)
+        for layer in self.layers:
+            layer.reset_parameters(self.config.final_init_variance_scale)
+        self.final_norm.reset_parameters()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def init_state(self, batch_size: int) -> State:
+        return State.zeros(self.config, batch_size, dtype=self.dtype, device=self.device)
+
+    def _positions(self, tokens: torch.Tensor, positions: torch.Tensor | None, state: State | None) -> torch.Tensor:
+        batch, length = tokens.shape
+        if positions is None:
+            start = torch.zeros(batch, dtype=torch.int64, device=tokens.device) if state is None else state.position
+            return start[:, None] + torch.arange(length, device=tokens.device)
+        if positions.shape != tokens.shape:
+            raise ValueError(f"positions shape {tuple(positions.shape)} differs from tokens shape {tuple(tokens.shape)}")
+        return positions.to(device=tokens.device, dtype=torch.int64)
+
+    def hidden_states(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """tokens (B, T) -> final-normed hidden states (B, T, D), updated state."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+        if state is not None and state.batch_size != tokens.shape[0]:
+            raise ValueError(f"state has {state.batch_size} rows but tokens have {tokens.shape[0]}")
+        positions = self._positions(tokens, positions, state)
+        layout = TokenLayout.of(positions, has_history=state is not None)
+        if state is None:
+            state = self.init_state(tokens.shape[0])
+        x = self.embed_tokens(tokens) * self.config.embedding_scale
+        for layer, layer_state in zip(self.layers, state.layers):
+            x = layer(x, layout, layer_state)
+        last = positions[:, -1]
+        state.position = torch.where(last >= 0, last + 1, state.position)
+        return self.final_norm(x), state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output embedding with soft-capping; float32 logits (..., V)."""
+        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.config.logits_soft_cap
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """tokens (B, T) -> logits (B, T, V) float32, updated state."""
+        hidden, state = self.hidden_states(tokens, positions, state)
+        return self.logits(hidden), state
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        state: State | None = None,
+        chunk_size: int = PREFILL_CHUNK,
+    ) -> tuple[torch.Tensor, State]:
+        """Read a prompt of any length in chunks; return the last position's logits (B, V) and the state.
+
+        Memory stays at the state plus one chunk's activations, and only the
+        last position pays for the vocabulary projection.
+        """
+        positions = self._positions(tokens, positions, state)
+        hidden = None
+        for start in range(0, tokens.shape[1], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            hidden, state = self.hidden_states(tokens[:, chunk], positions[:, chunk], state)
+        return self.logits(hidden[:, -1]), state

@@ -1,0 +1,121 @@
+"""The fixed-size state of a Griffin model: everything a sequence leaves behind.
+
+Per layer it is either a recurrent state (the RG-LRU hidden state in float32
+and the last `conv_width - 1` inputs of the temporal convolution) or an
+attention state (a ring buffer of exactly one window of keys and values, with
+the document position of each slot). Its size depends on the batch size and
+the config, never on how many tokens were seen.
+
+Shapes: B batch, L lru width, C conv taps (conv_width - 1), W window, K head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+
+from rgemma.config import RECURRENT, Config
+
+
+@dataclasses.dataclass
+class RecurrentState:
+    h: torch.Tensor  # (B, L) float32
+    conv: torch.Tensor  # (B, C, L) inputs of the conv, oldest first
+
+
+@dataclasses.dataclass
+class AttentionState:
+    k: torch.Tensor  # (B, W, K) keys after RoPE; slot = position % W
+    v: torch.Tensor  # (B, W, K)
+    pos: torch.Tensor  # (B, W) int64 document position of each slot, -1 when empty
+
+
+LayerState = RecurrentState | AttentionState
+
+
+def _map_layer(layer: LayerState, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerState:
+    return type(layer)(**{f.name: fn(getattr(layer, f.name)) for f in dataclasses.fields(layer)})
+
+
+@dataclasses.dataclass
+class State:
+    position: torch.Tensor  # (B,) int64 document position of each row's next token
+    layers: list[LayerState]
+
+    @classmethod
+    def zeros(
+        cls,
+        config: Config,
+        batch_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> State:
+        """An empty state: as if nothing had been read. `dtype` is that of the activations."""
+        layers: list[LayerState] = []
+        for block_type in config.block_types:
+            if block_type == RECURRENT:
+                layers.append(RecurrentState(
+                    h=torch.zeros(batch_size, config.lru_width, dtype=torch.float32, device=device),
+                    conv=torch.zeros(batch_size, config.conv_width - 1, config.lru_width, dtype=dtype, device=device),
+                ))
+            else:
+                shape = (batch_size, config.attention_window, config.head_dim)
+                layers.append(AttentionState(
+                    k=torch.zeros(shape, dtype=dtype, device=device),
+                    v=torch.zeros(shape, dtype=dtype, device=device),
+                    pos=torch.full(shape[:2], -1, dtype=torch.int64, device=device),
+                ))
+        position = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        return cls(position=position, layers=layers)
+
+    @property
+    def batch_size(self) -> int:
+        return self.position.shape[0]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
+        """A new state with `fn` applied to every tensor."""
+        return State(position=fn(self.position), layers=[_map_layer(layer, fn) for layer in self.layers])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.position] + [getattr(l, f.name) for l in self.layers for f in dataclasses.fields(l)]
+
+    def clone(self) -> State:
+        return self.map(torch.clone)
+
+    def to(self, device: torch.device | str) -> State:
+        return self.map(lambda t: t.to(device))
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> State:
+        """A new state holding only the given batch rows, in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.position.device)
+        return self.map(lambda t: t.index_select(0, index))
+
+    @classmethod
+    def merge(cls, states: Sequence[State]) -> State:
+        """Concatenate the rows of several states of the same model."""
+        if not states:
+            raise ValueError("merge needs at least one state")
+        first = states[0]
+        for other in states[1:]:
+            if len(other.layers) != len(first.layers) or any(
+                type(a) is not type(b) or getattr(a, f.name).shape[1:] != getattr(b, f.name).shape[1:]
+                for a, b in zip(first.layers, other.layers)
+                for f in dataclasses.fields(a)
+            ):
+                raise ValueError("cannot merge states of different models")
+        return State(
+            position=torch.cat([s.position for s in states]),
+            layers=[
+                type(layer)(**{
+                    f.name: torch.cat([getattr(s.layers[i], f.name) for s in states])
+                    for f in dataclasses.fields(layer)
+                })
+                for i, layer in enumerate(first.layers)
+            ],
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
