@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+from rgemma import Config, Griffin
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Add noise to every parameter, so zero-initialised norms and biases take part in comparisons."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.add_((scale * noise).to(param.dtype))
+    return module
+
+
+@pytest.fixture
+def tiny():
+    """A tiny Griffin (window 8, lru wider than the model) with every parameter random."""
+    torch.manual_seed(0)
+    return perturb_(Griffin(Config.preset("tiny-wide-lru"))).eval()
