@@ -1,0 +1,614 @@
+"""Checkpoint formats: Hugging Face safetensors, official PyTorch and official Flax/Orbax.
+
+Loading builds the model on the meta device and assigns tensors read from
+memory-mapped files, so a checkpoint is never held twice: loading a bf16
+checkpoint as bf16 costs the weights' size and no more. Every tensor name and
+shape is checked against the model before anything is read.
+
+Each format names our tensors through a table (`{i}` is the layer index) and
+small fix-up functions that turn its layout into ours. The fix-ups return
+views, so a transposed official tensor is not copied either; such parameters
+are non-contiguous, which every torch op accepts.
+
+Saving always writes the Hugging Face layout, which transformers can read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import pickle
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from rgemma.config import ATTENTION, RECURRENT, Config
+from rgemma.model import Griffin
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TIED_HEAD = "lm_head.weight"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files that mark an Orbax checkpoint directory (older and newer orbax versions).
+ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "checkpoint")
+MAX_SHARD_BYTES = 5 * 10**9
+# A bad checkpoint usually has many bad tensors; the first few say what is wrong.
+MAX_PROBLEMS_SHOWN = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+def _first_line(error: BaseException) -> str:
+    """The error, on one line: libraries' messages run to paragraphs."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+# Fix-ups: an official tensor -> ours ---------------------------------------
+
+Fix = Callable[[torch.Tensor], torch.Tensor]
+
+
+def same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def conv_taps(w: torch.Tensor) -> torch.Tensor:
+    """(C, L) taps, oldest first -> torch Conv1d layout (L, 1, C)."""
+    return w.T[:, None, :]
+
+
+def mlp_gate_weight(w: torch.Tensor) -> torch.Tensor:
+    """ffw_up.w (2, D, M) holds both branches as [in, out]; [0] is the gate."""
+    return w[0].T
+
+
+def mlp_up_weight(w: torch.Tensor) -> torch.Tensor:
+    return w[1].T
+
+
+def mlp_gate_bias(b: torch.Tensor) -> torch.Tensor:
+    """ffw_up.b (2, 1, 1, M) -> (M,)."""
+    return b[0, 0, 0]
+
+
+def mlp_up_bias(b: torch.Tensor) -> torch.Tensor:
+    return b[1, 0, 0]
+
+
+# Our name -> (official name, fix-up). Flax uses the same names, nested, with
+# Dense `kernel`s stored [in, out] (see `_read_orbax`).
+OFFICIAL_NAMES: dict[str, tuple[str, Fix]] = {
+    "embed_tokens.weight": ("embedder.input_embedding", same),
+    "final_norm.weight": ("final_norm.scale", same),
+    "layers.{i}.temporal_pre_norm.weight": ("blocks.{i}.temporal_pre_norm.scale", same),
+    "layers.{i}.channel_pre_norm.weight": ("blocks.{i}.channel_pre_norm.scale", same),
+    "layers.{i}.mlp_block.gate_proj.weight": ("blocks.{i}.mlp_block.ffw_up.w", mlp_gate_weight),
+    "layers.{i}.mlp_block.up_proj.weight": ("blocks.{i}.mlp_block.ffw_up.w", mlp_up_weight),
+    "layers.{i}.mlp_block.gate_proj.bias": ("blocks.{i}.mlp_block.ffw_up.b", mlp_gate_bias),
+    "layers.{i}.mlp_block.up_proj.bias": ("blocks.{i}.mlp_block.ffw_up.b", mlp_up_bias),
+    "layers.{i}.mlp_block.down_proj.weight": ("blocks.{i}.mlp_block.ffw_down.weight", same),
+    "layers.{i}.mlp_block.down_proj.bias": ("blocks.{i}.mlp_block.ffw_down.bias", same),
+    # Recurrent layers.
+    "layers.{i}.temporal_block.linear_x.weight": ("blocks.{i}.recurrent_block.linear_x.weight", same),
+    "layers.{i}.temporal_block.linear_x.bias": ("blocks.{i}.recurrent_block.linear_x.bias", same),
+    "layers.{i}.temporal_block.linear_y.weight": ("blocks.{i}.recurrent_block.linear_y.weight", same),
+    "layers.{i}.temporal_block.linear_y.bias": ("blocks.{i}.recurrent_block.linear_y.bias", same),
+    "layers.{i}.temporal_block.linear_out.weight": ("blocks.{i}.recurrent_block.linear_out.weight", same),
+    "layers.{i}.temporal_block.linear_out.bias": ("blocks.{i}.recurrent_block.linear_out.bias", same),
+    "layers.{i}.temporal_block.conv_1d.weight": ("blocks.{i}.recurrent_block.conv_1d.w", conv_taps),
+    "layers.{i}.temporal_block.conv_1d.bias": ("blocks.{i}.recurrent_block.conv_1d.b", same),
+    "layers.{i}.temporal_block.rg_lru.recurrent_param": ("blocks.{i}.recurrent_block.rg_lru.a_param", same),
+    "layers.{i}.temporal_block.rg_lru.input_gate_weight": ("blocks.{i}.recurrent_block.rg_lru.input_gate.w", same),
+    "layers.{i}.temporal_block.rg_lru.input_gate_bias": ("blocks.{i}.recurrent_block.rg_lru.input_gate.b", same),
+    "layers.{i}.temporal_block.rg_lru.recurrent_gate_weight": ("blocks.{i}.recurrent_block.rg_lru.a_gate.w", same),
+    "layers.{i}.temporal_block.rg_lru.recurrent_gate_bias": ("blocks.{i}.recurrent_block.rg_lru.a_gate.b", same),
+    # Attention layers.
+    "layers.{i}.temporal_block.q_proj.weight": ("blocks.{i}.attention_block.proj_q.weight", same),
+    "layers.{i}.temporal_block.k_proj.weight": ("blocks.{i}.attention_block.proj_k.weight", same),
+    "layers.{i}.temporal_block.v_proj.weight": ("blocks.{i}.attention_block.proj_v.weight", same),
+    "layers.{i}.temporal_block.o_proj.weight": ("blocks.{i}.attention_block.proj_final.weight", same),
+    "layers.{i}.temporal_block.o_proj.bias": ("blocks.{i}.attention_block.proj_final.bias", same),
+}
+
+
+def official_name(ours: str) -> tuple[str, Fix]:
+    layer = re.fullmatch(r"layers\.(\d+)\.(.+)", ours)
+    if layer is None:
+        return OFFICIAL_NAMES[ours]
+    theirs, fix = OFFICIAL_NAMES["layers.{i}." + layer[2]]
+    return theirs.format(i=layer[1]), fix
+
+
+def hf_name(ours: str) -> tuple[str, Fix]:
+    return "model." + ours, same
+
+
+@dataclasses.dataclass(frozen=True)
+class Naming:
+    """How a format names our tensors."""
+
+    name: Callable[[str], tuple[str, Fix]]  # our name -> its name, fix-up
+    layer: re.Pattern  # matches its names of layer tensors; group 1 is the layer index
+
+
+HF_NAMING = Naming(hf_name, re.compile(r"model\.layers\.(\d+)\."))
+OFFICIAL_NAMING = Naming(official_name, re.compile(r"blocks\.(\d+)\."))
+
+
+# Reading ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A tensor in a checkpoint file, read only when needed (usually a memory map)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    path: Path
+    tensors: dict[str, Stored]  # by the names in the file
+    naming: Naming
+    hf_config: dict | None = None  # config.json, for Hugging Face directories
+    tied_head: Stored | None = None  # lm_head.weight, which must equal the embedding
+
+
+def _open(path: Path, files: contextlib.ExitStack) -> Checkpoint:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / CONFIG_FILE).exists() or (path / INDEX_FILE).exists() or any(path.glob("*.safetensors")):
+            return _open_hf(path, files)
+        if any((path / marker).exists() for marker in ORBAX_MARKERS):
+            return Checkpoint(path, _read_orbax(path), OFFICIAL_NAMING)
+    elif path.suffix in (".pt", ".pth") or _is_zip(path):  # torch.save writes a zip archive
+        return Checkpoint(path, _read_torch(path), OFFICIAL_NAMING)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format; expected a Hugging Face directory (config.json and "
+        f"{WEIGHTS_FILE} or {INDEX_FILE}), an official PyTorch .pt file or an Orbax/Flax checkpoint directory"
+    )
+
+
+def _is_zip(file: Path) -> bool:
+    with open(file, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{file}: cannot read JSON: {_first_line(error)}") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return value
+
+
+def _open_hf(directory: Path, files: contextlib.ExitStack) -> Checkpoint:
+    if not (directory / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{directory}: missing {CONFIG_FILE}")
+    hf_config = _read_json(directory / CONFIG_FILE)
+    if (directory / INDEX_FILE).is_file():
+        weight_map = _read_json(directory / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{directory / INDEX_FILE}: has no weight_map")
+    elif (directory / WEIGHTS_FILE).is_file():
+        weight_map = None
+    else:
+        raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE} (or {INDEX_FILE} and its shards)")
+
+    if weight_map is None:
+        tensors = _read_safetensors(directory / WEIGHTS_FILE, files)
+    else:
+        tensors = {}
+        shards: dict[str, dict[str, Stored]] = {}
+        for name, shard in weight_map.items():
+            if shard not in shards:
+                if not (directory / shard).is_file():
+                    raise CheckpointError(f"{directory / INDEX_FILE}: names shard {shard}, which is missing")
+                shards[shard] = _read_safetensors(directory / shard, files)
+            if name not in shards[shard]:
+                raise CheckpointError(f"{directory / shard}: lacks tensor {name}, which {INDEX_FILE} places there")
+            tensors[name] = shards[shard][name]
+    tied_head = tensors.pop(TIED_HEAD, None)
+    return Checkpoint(directory, tensors, HF_NAMING, hf_config=hf_config, tied_head=tied_head)
+
+
+def _read_safetensors(file: Path, files: contextlib.ExitStack) -> dict[str, Stored]:
+    try:
+        # safe_open memory-maps the file; get_tensor returns a view of the map.
+        handle = files.enter_context(safe_open(file, framework="pt"))
+        return {
+            name: Stored(file, tuple(handle.get_slice(name).get_shape()), functools.partial(handle.get_tensor, name))
+            for name in handle.keys()
+        }
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file (truncated or corrupt?): {_first_line(error)}"
+        ) from error
+
+
+def _read_torch(file: Path) -> dict[str, Stored]:
+    try:
+        # weights_only never unpickles arbitrary objects; mmap maps the file instead of reading it.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{file}: not a plain state dict of tensors (it holds other objects, or is corrupt)"
+        ) from error
+    except Exception as error:  # torch.load raises many types for damaged or foreign files
+        raise CheckpointError(
+            f"{file}: not a readable PyTorch state dict (truncated or corrupt?): {_first_line(error)}"
+        ) from error
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file}: expected a flat dict of tensors (an official state dict)")
+    return {name: Stored(file, tuple(t.shape), functools.partial(same, t)) for name, t in state.items()}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dicts -> {"a.b.c": leaf}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _map_leaves(tree: dict, fn: Callable) -> dict:
+    return {key: _map_leaves(value, fn) if isinstance(value, dict) else fn(value) for key, value in tree.items()}
+
+
+def _from_numpy(array) -> torch.Tensor:
+    if array.dtype.name == "bfloat16":  # numpy has no bfloat16 of its own: reinterpret the bits
+        return torch.from_numpy(array.view("uint16")).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _read_orbax(directory: Path) -> dict[str, Stored]:
+    """The Flax parameter tree, named as the official torch state dict."""
+    try:
+        import numpy as np
+        import orbax.checkpoint as ocp
+    except ImportError as error:
+        raise CheckpointError(
+            f"{directory}: reading Orbax/Flax checkpoints needs orbax-checkpoint: pip install 'rgemma[flax]'"
+        ) from error
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        metadata = checkpointer.metadata(directory)
+    except Exception as error:  # orbax raises many types for damaged or foreign directories
+        raise CheckpointError(f"{directory}: not a readable Orbax checkpoint: {_first_line(error)}") from error
+    # Newer orbax wraps the tree of array metadata.
+    metadata = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(metadata, "tree", metadata)
+
+    def official(flat: dict) -> dict:
+        # The official release nests everything under "params".
+        return {name.removeprefix("params."): value for name, value in flat.items()}
+
+    @functools.cache
+    def restore() -> dict[str, torch.Tensor]:
+        args = _map_leaves(tree, lambda _: ocp.RestoreArgs(restore_type=np.ndarray))
+        try:
+            restored = checkpointer.restore(directory, restore_args=args)
+        except Exception as error:  # as above
+            raise CheckpointError(f"{directory}: cannot restore the Orbax checkpoint: {_first_line(error)}") from error
+        return {name: _from_numpy(array) for name, array in official(_flatten(restored)).items()}
+
+    tensors = {}
+    for name, leaf in official(_flatten(tree)).items():
+        if name.endswith(".kernel"):  # Flax Dense kernels are [in, out]
+            tensors[name.removesuffix("kernel") + "weight"] = Stored(
+                directory, tuple(reversed(leaf.shape)), lambda name=name: restore()[name].T
+            )
+        else:
+            tensors[name] = Stored(directory, tuple(leaf.shape), lambda name=name: restore()[name])
+    return tensors
+
+
+# Config ----------------------------------------------------------------------
+
+# Config fields that tensor shapes determine, and the config.json key of each.
+SHAPE_FIELDS = {
+    "vocab_size": "vocab_size",
+    "width": "hidden_size",
+    "mlp_width": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "block_types": "block_types (or _block_types)",
+    "num_heads": "num_attention_heads",
+    "lru_width": "lru_width",
+}
+
+
+def _fixed_shape(stored: Stored, fix: Fix) -> tuple[int, ...] | None:
+    """The shape `fix` gives the stored tensor, worked out on the meta device; None if it does not apply."""
+    try:
+        return tuple(fix(torch.empty(stored.shape, device="meta")).shape)
+    except (IndexError, RuntimeError):
+        return None
+
+
+def _shape(checkpoint: Checkpoint, ours: str, ndim: int) -> tuple[int, ...]:
+    theirs, fix = checkpoint.naming.name(ours)
+    stored = checkpoint.tensors.get(theirs)
+    if stored is None:
+        raise CheckpointError(f"{checkpoint.path}: missing tensor {theirs}")
+    shape = _fixed_shape(stored, fix)
+    if shape is None or len(shape) != ndim:
+        raise CheckpointError(f"{stored.file}: tensor {theirs} has shape {stored.shape}, which does not fit {ours}")
+    return shape
+
+
+def _block_type(checkpoint: Checkpoint, layer: int) -> str:
+    markers = {
+        RECURRENT: checkpoint.naming.name(f"layers.{layer}.temporal_block.rg_lru.recurrent_param")[0],
+        ATTENTION: checkpoint.naming.name(f"layers.{layer}.temporal_block.q_proj.weight")[0],
+    }
+    found = [kind for kind, name in markers.items() if name in checkpoint.tensors]
+    if len(found) != 1:
+        raise CheckpointError(
+            f"{checkpoint.path}: cannot tell layer {layer}'s type: expected exactly one of the tensors "
+            f"{' and '.join(markers.values())}, found {len(found)}"
+        )
+    return found[0]
+
+
+def _shape_fields(checkpoint: Checkpoint) -> dict:
+    """The config fields that tensor shapes tell."""
+    layers = {int(match[1]) for name in checkpoint.tensors if (match := checkpoint.naming.layer.match(name))}
+    if not layers:
+        example = checkpoint.naming.name("layers.0.temporal_pre_norm.weight")[0]
+        raise CheckpointError(f"{checkpoint.path}: has no layer tensors (with names like {example})")
+    vocab_size, width = _shape(checkpoint, "embed_tokens.weight", 2)
+    block_types = tuple(_block_type(checkpoint, layer) for layer in range(max(layers) + 1))
+    fields = {
+        "vocab_size": vocab_size,
+        "width": width,
+        "mlp_width": _shape(checkpoint, "layers.0.mlp_block.gate_proj.weight", 2)[0],
+        "block_types": block_types,
+    }
+    if RECURRENT in block_types:
+        # The RG-LRU gates are block-diagonal, one (d, d) block per head.
+        layer = block_types.index(RECURRENT)
+        num_heads, head_width, _ = _shape(checkpoint, f"layers.{layer}.temporal_block.rg_lru.input_gate_weight", 3)
+        fields.update(num_heads=num_heads, lru_width=num_heads * head_width)
+    return fields
+
+
+def _official_config(file: Path, found: dict, overrides: dict) -> Config:
+    # Official checkpoints carry no config. What shapes cannot tell (window,
+    # soft-cap, embedding scale) takes the RecurrentGemma values, Config's defaults.
+    fields = found | overrides
+    if "num_heads" not in fields:
+        raise CheckpointError(f"{file}: no recurrent layer to infer the number of heads from; pass num_heads")
+    fields.setdefault("lru_width", fields["width"])  # unused without recurrent layers
+    try:
+        return Config(**fields)
+    except ValueError as error:
+        raise CheckpointError(f"{file}: {error}") from error
+
+
+def _hf_config(file: Path, hf_config: dict, found: dict, overrides: dict) -> Config:
+    try:
+        declared = Config.from_hf_dict(hf_config)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{file}: {error}") from error
+    found = found | {"num_layers": len(found["block_types"])}
+    for field, key in SHAPE_FIELDS.items():
+        if field in found and getattr(declared, field) != found[field]:
+            raise CheckpointError(
+                f"{file}: {key} disagrees with the tensors: config.json gives {field}={getattr(declared, field)!r}, "
+                f"the tensor shapes give {field}={found[field]!r}"
+            )
+    try:
+        return declared.replace(**overrides)
+    except ValueError as error:
+        raise CheckpointError(f"{file}: with overrides {overrides}: {error}") from error
+
+
+def _config(checkpoint: Checkpoint, overrides: dict) -> Config:
+    valid = [field.name for field in dataclasses.fields(Config)]
+    unknown = sorted(overrides.keys() - set(valid))
+    if unknown:
+        raise CheckpointError(f"{checkpoint.path}: unknown config fields {unknown}; valid: {', '.join(valid)}")
+    found = _shape_fields(checkpoint)
+    if checkpoint.hf_config is None:
+        return _official_config(checkpoint.path, found, overrides)
+    return _hf_config(checkpoint.path / CONFIG_FILE, checkpoint.hf_config, found, overrides)
+
+
+# Loading ---------------------------------------------------------------------
+
+
+def _plan(checkpoint: Checkpoint, model: Griffin) -> dict[str, tuple[Stored, Fix]]:
+    """Match every model tensor to a stored one, checking names and shapes before anything is read."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    plan, used, problems = {}, set(), []
+
+    def where(stored: Stored) -> str:
+        return "" if stored.file == checkpoint.path else f" (in {stored.file.name})"
+
+    for ours, shape in expected.items():
+        theirs, fix = checkpoint.naming.name(ours)
+        used.add(theirs)
+        stored = checkpoint.tensors.get(theirs)
+        if stored is None:
+            problems.append(f"missing tensor {theirs}")
+        elif _fixed_shape(stored, fix) != shape:
+            problems.append(
+                f"shape mismatch for {theirs}{where(stored)}: file has {stored.shape}, model needs {shape} for {ours}"
+            )
+        else:
+            plan[ours] = (stored, fix)
+    problems += [
+        f"unexpected tensor {name}{where(stored)}" for name, stored in checkpoint.tensors.items() if name not in used
+    ]
+    head, embedding = checkpoint.tied_head, expected["embed_tokens.weight"]
+    if head is not None and head.shape != embedding:
+        problems.append(f"shape mismatch for {TIED_HEAD}: file has {head.shape}, the tied embedding has {embedding}")
+    problems = list(dict.fromkeys(problems))  # the two MLP branches share a tensor
+    if problems:
+        more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        raise CheckpointError(f"{checkpoint.path}: " + "; ".join(problems[:MAX_PROBLEMS_SHOWN]) + more)
+    return plan
+
+
+def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; try bfloat16, float16 or float32")
+        return getattr(torch, dtype)
+    return dtype
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    **config_overrides,
+) -> Griffin:
+    """Load a Hugging Face directory, an official PyTorch .pt file or an official Orbax/Flax directory.
+
+    `dtype` defaults to the checkpoint's own. `config_overrides` are Config
+    fields, e.g. `attention_window=1024`; official checkpoints need them for
+    what tensor shapes cannot tell, which otherwise takes the RecurrentGemma values.
+    """
+    path = Path(path)
+    dtype = _torch_dtype(dtype)
+    with contextlib.ExitStack() as files:
+        checkpoint = _open(path, files)
+        # On the meta device nothing is allocated; load_state_dict(assign=True)
+        # then takes the tensors, dtype included, as they are.
+        model = Griffin(_config(checkpoint, config_overrides), device="meta")
+        plan = _plan(checkpoint, model)
+        embedding = plan["embed_tokens.weight"][0].read()
+        if checkpoint.tied_head is not None and not torch.equal(checkpoint.tied_head.read(), embedding):
+            raise CheckpointError(f"{path}: {TIED_HEAD} differs from the embedding; Griffin ties the two")
+        dtype = dtype or embedding.dtype
+        # One tensor at a time: a tensor already in the right dtype and device
+        # stays a view of the file; any other is converted on its own.
+        state = {name: fix(stored.read()).to(device=device, dtype=dtype) for name, (stored, fix) in plan.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+# Saving ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _new_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `out_dir` and rename it into place once filled.
+
+    On any failure the temporary directory is removed, so nothing appears at `out_dir`.
+    """
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir}: already exists and is not an empty directory; will not overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
+    staging.mkdir()
+    try:
+        yield staging
+        for file in staging.iterdir():  # on disk before the rename makes them visible
+            _fsync(file)
+        os.replace(staging, out_dir)  # atomic; replaces an empty directory
+        _fsync(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Consecutive groups of names, each at most max_shard_bytes unless one tensor alone is larger."""
+    shards, size = [[]], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_hf(model: Griffin, directory: Path, max_shard_bytes: int):
+    # The `model.` prefix is what transformers' RecurrentGemmaForCausalLM expects;
+    # lm_head is tied to the embedding and not stored.
+    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    shards = _shards(tensors, max_shard_bytes)
+    files = (
+        [WEIGHTS_FILE] if len(shards) == 1
+        else [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    )
+    for file, names in zip(files, shards):
+        # One shard at a time is made contiguous on the CPU (transposed views are copied).
+        shard = {name: tensors[name].cpu().contiguous() for name in names}
+        save_file(shard, directory / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {name: file for file, names in zip(files, shards) for name in names},
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    hf_config = model.config.to_hf_dict() | {"dtype": str(model.dtype).removeprefix("torch.")}
+    (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def save_model(model: Griffin, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write `model` as a Hugging Face directory (config.json and safetensors), atomically.
+
+    `out_dir` must not exist or be empty; tensors are split into shards of at
+    most `max_shard_bytes`, with model.safetensors.index.json, when they do not fit one.
+    """
+    out_dir = Path(out_dir)
+    with _new_directory(out_dir) as staging:
+        _write_hf(model, staging, max_shard_bytes)
+    return out_dir
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    **overrides,
+) -> Path:
+    """Rewrite any checkpoint `load_model` reads as a Hugging Face directory.
+
+    Tokenizer files found with the source (in a Hugging Face directory, or
+    beside an official file or directory, as the official releases ship them) are copied too.
+    """
+    src, dst = Path(src), Path(dst)
+    model = load_model(src, dtype=dtype, **overrides)
+    tokenizer_dir = src if (src / CONFIG_FILE).is_file() else src.parent
+    with _new_directory(dst) as staging:
+        _write_hf(model, staging, max_shard_bytes)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, staging / name)
+    return dst

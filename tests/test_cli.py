@@ -1,0 +1,71 @@
+"""The `rgemma` command as a user runs it: real processes, one-line errors, no partial output."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rgemma
+from reference import official_model
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "rgemma.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_info_on_a_preset():
+    result = run("info", "2b")
+    assert result.returncode == 0, result.stderr
+    assert "2,682,862,080" in result.stdout and "RRARRA" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def official_file(tmp_path_factory):
+    config = rgemma.Config.preset("tiny")
+    path = tmp_path_factory.mktemp("official") / "model.pt"
+    torch.save(official_model(config).state_dict(), path)
+    return path
+
+
+def test_convert_then_info(official_file, tmp_path):
+    out = tmp_path / "hf"
+    result = run("convert", official_file, out, "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr
+    info = run("info", out, "--json")
+    assert info.returncode == 0, info.stderr
+    described = json.loads(info.stdout)
+    assert described["dtype"] == "bfloat16"
+    assert described["config"]["block_types"] == ["recurrent", "recurrent", "attention"]
+    # The official file carries no window; the RecurrentGemma default applies.
+    assert described["config"]["attention_window"] == 2048
+
+
+def test_convert_shards(official_file, tmp_path):
+    out = tmp_path / "hf"
+    assert run("convert", official_file, out, "--max-shard-gb", 0.0002).returncode == 0
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("make_bad", ["missing", "garbage", "truncated"])
+def test_bad_input_is_one_line_and_leaves_nothing(official_file, tmp_path, make_bad):
+    source = tmp_path / "model.pt"
+    if make_bad == "garbage":
+        source.write_bytes(b"PK\x03\x04 not really a zip")
+    elif make_bad == "truncated":
+        data = official_file.read_bytes()
+        source.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    result = run("convert", source, out)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rgemma: error: ") and str(source) in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_unknown_preset_or_path():
+    result = run("info", "3b")
+    assert result.returncode == 1
+    assert "3b" in result.stderr and "Traceback" not in result.stderr
