@@ -197,3 +197,24 @@ def test_bad_inputs_name_the_problem(tiny):
     _, state = tiny(tokens(2, 5))
     with pytest.raises(ValueError, match="state has 2 rows"):
         tiny(tokens(3, 1), state=state)
+
+
+@torch.no_grad()
+def test_attention_cost_is_linear_in_length(tiny, monkeypatch):
+    """No query block ever scores more than one window of keys beyond itself, so memory is O(T x W)."""
+    import rgemma.model
+
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        shapes.append((q.shape[2], k.shape[2]))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(rgemma.model.F, "scaled_dot_product_attention", recording)
+    block, window = rgemma.model.ATTENTION_QUERY_BLOCK, tiny.config.attention_window
+    _, state = tiny(tokens(1, 3 * block + 5))
+    tiny(tokens(1, 2 * block), state=state)  # with history: the ring buffer adds one window
+    assert len(shapes) == 2 * (4 + 2)  # two attention layers, one call per query block
+    assert max(queries for queries, _ in shapes) <= block
+    assert max(keys for _, keys in shapes) <= block + 2 * window
