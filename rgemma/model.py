@@ -426,7 +426,11 @@ class Griffin(nn.Module):
         """Tied output embedding with soft-capping; float32 logits (..., V)."""
         logits = F.linear(hidden, self.embed_tokens.weight).float()
         cap = self.config.logits_soft_cap
-        return torch.tanh(logits / cap) * cap if cap else logits
+        if not cap:
+            return logits
+        if logits.requires_grad:
+            return torch.tanh(logits / cap) * cap
+        return logits.div_(cap).tanh_().mul_(cap)  # in place: (T, V) logits are the largest tensor
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, state: State | None = None
