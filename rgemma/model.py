@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -446,15 +447,19 @@ class Griffin(nn.Module):
         positions: torch.Tensor | None = None,
         state: State | None = None,
         chunk_size: int = PREFILL_CHUNK,
+        progress: Callable[[int], None] | None = None,
     ) -> tuple[torch.Tensor, State]:
         """Read a prompt of any length in chunks; return the last position's logits (B, V) and the state.
 
         Memory stays at the state plus one chunk's activations, and only the
-        last position pays for the vocabulary projection.
+        last position pays for the vocabulary projection. `progress` is told
+        how many tokens each chunk read.
         """
         positions = self._positions(tokens, positions, state)
         hidden = None
         for start in range(0, tokens.shape[1], chunk_size):
             chunk = slice(start, start + chunk_size)
             hidden, state = self.hidden_states(tokens[:, chunk], positions[:, chunk], state)
+            if progress is not None:
+                progress(hidden.shape[1])
         return self.logits(hidden[:, -1]), state

@@ -12,9 +12,16 @@ Shapes: B batch, L lru width, C conv taps (conv_width - 1), W window, K head dim
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from rgemma.config import RECURRENT, Config
 
@@ -119,3 +126,88 @@ class State:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+# State files ---------------------------------------------------------------
+
+STATE_FORMAT = "rgemma-state-1"
+
+
+class StateFileError(ValueError):
+    """A state file that cannot be read or belongs to another model; the message names the file."""
+
+
+def model_fingerprint(model) -> str:
+    """Identifies a model's weights cheaply: its config and a hash of its (small) norm scales.
+
+    Two checkpoints of the same architecture (a base model and its -it
+    variant, say) have different norm scales, so their states never mix.
+    """
+    digest = hashlib.sha256(json.dumps(model.config.to_hf_dict(), sort_keys=True).encode())
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _state_tensors(state: State) -> dict[str, torch.Tensor]:
+    tensors = {"position": state.position}
+    for i, layer in enumerate(state.layers):
+        for field in dataclasses.fields(layer):
+            tensors[f"layers.{i}.{field.name}"] = getattr(layer, field.name)
+    return tensors
+
+
+def save_state(
+    path: str | os.PathLike,
+    state: State,
+    model,
+    extras: dict[str, torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a state (with optional extra tensors, e.g. next-token logits) as safetensors, atomically.
+
+    The header names the model (config and fingerprint) and each row's position.
+    """
+    path = Path(path)
+    tensors = _state_tensors(state) | {f"extra.{name}": t for name, t in (extras or {}).items()}
+    header = {
+        **(metadata or {}),
+        "format": STATE_FORMAT,
+        "model": model_fingerprint(model),
+        "config": json.dumps(model.config.to_hf_dict(), sort_keys=True),
+        "layer_types": json.dumps([type(layer).__name__ for layer in state.layers]),
+        "position": json.dumps(state.position.tolist()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, temporary, metadata=header)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: str | os.PathLike, model) -> tuple[State, dict[str, torch.Tensor], dict[str, str]]:
+    """Read a state file written by `save_state` for this same model: (state, extras, header)."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise StateFileError(f"{path}: not a readable state file: {str(error).splitlines()[0]}") from error
+    if header.get("format") != STATE_FORMAT:
+        raise StateFileError(f"{path}: not an rgemma state file (format {header.get('format')!r})")
+    if header.get("model") != model_fingerprint(model):
+        raise StateFileError(f"{path}: the state was saved from another model (fingerprint {header.get('model')})")
+    kinds = {"RecurrentState": RecurrentState, "AttentionState": AttentionState}
+    layers = []
+    for i, kind in enumerate(json.loads(header["layer_types"])):
+        cls = kinds[kind]
+        layers.append(cls(**{f.name: tensors[f"layers.{i}.{f.name}"] for f in dataclasses.fields(cls)}))
+    state = State(position=tensors["position"], layers=layers).to(model.device)
+    extras = {name.removeprefix("extra."): t for name, t in tensors.items() if name.startswith("extra.")}
+    return state, extras, header
