@@ -68,6 +68,141 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.dst}", file=sys.stderr)
 
 
+def _load_generator(args):
+    """Model and tokenizer from --model (a path, a hub id, or the embedded default)."""
+    from rgemma.checkpoint import load_model
+    from rgemma.hub import resolve_model
+    from rgemma.tokenizer import Tokenizer
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    path = resolve_model(args.model)
+    model = load_model(path, dtype=_dtype(args.dtype)).eval()
+    return model, Tokenizer.find(path)
+
+
+def _sampling(args):
+    from rgemma.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, logprobs=args.logprobs,
+    )
+
+
+def _report(stats) -> None:
+    print(
+        f"[prompt {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_s:.1f} tok/s | "
+        f"generated {stats.generated_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s | "
+        f"first token {stats.first_token_seconds:.2f} s | state {stats.state_bytes:,} bytes]",
+        file=sys.stderr,
+    )
+
+
+def _prompt_text(args) -> str:
+    if args.prompt_file:
+        try:
+            return open(args.prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"{args.prompt_file}: cannot read the prompt: {error}") from error
+    if args.prompt is None:
+        raise ValueError("give a PROMPT, - to read it from stdin, or --prompt-file FILE")
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
+
+
+def _progress_bar(total: int):
+    """A progress bar on stderr for prompts longer than one prefill chunk."""
+    from tqdm import tqdm
+
+    from rgemma.model import PREFILL_CHUNK
+
+    if total <= PREFILL_CHUNK:
+        return None
+    bar = tqdm(total=total, unit="tok", desc="reading prompt", file=sys.stderr, leave=False)
+    return bar.update
+
+
+def cmd_generate(args) -> None:
+    from rgemma.generate import Context, Generation, Request, prefill
+    from rgemma.tokenizer import chat_prompt
+
+    text = _prompt_text(args)
+    sampling = _sampling(args)
+    model, tokenizer = _load_generator(args)
+    context = Context.load(args.state, model) if args.state else None
+    if args.chat:
+        if context is not None:
+            raise ValueError("--chat formats a new conversation; continue a saved chat with `rgemma chat` and /load")
+        prompt = chat_prompt(tokenizer, [{"role": "user", "content": text}])
+    else:
+        prompt = tokenizer.encode(text, bos=context is None)
+    if args.max_tokens == 0:  # only read the prompt, e.g. to --save-state it
+        context = prefill(model, [prompt], context, progress=_progress_bar(len(prompt)))
+        if args.save_state:
+            context.save(args.save_state, model)
+        return
+    request = Request(prompt, sampling, args.max_tokens, stop=args.stop or (), ignore_eos=args.ignore_eos,
+                      keep_context=bool(args.save_state))
+    generation = Generation(model, [request], tokenizer, context, prefill_progress=_progress_bar(len(prompt)))
+    pieces, tokens, logprobs, finish = [], [], [], None
+    for events in generation:
+        event = events[0]
+        pieces.append(event.text)
+        tokens.append(event.token)
+        logprobs.append({"token": event.token, "logprob": event.logprob, "top": event.top_logprobs})
+        finish = event.finish_reason
+        if not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    if args.save_state:
+        generation.contexts[0].save(args.save_state, model)
+    stats = generation.stats
+    if args.json:
+        result = {
+            "text": "".join(pieces), "tokens": tokens, "finish_reason": finish,
+            "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
+            "timing": {"prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
+                       "first_token_s": stats.first_token_seconds},
+            "state_bytes": stats.state_bytes,
+        }
+        if args.logprobs:
+            result["logprobs"] = logprobs
+        print(json.dumps(result))
+    else:
+        sys.stdout.write("\n")
+    _report(stats)
+
+
+def cmd_chat(args) -> None:
+    from rgemma import chat
+
+    sampling = _sampling(args)
+    model, tokenizer = _load_generator(args)
+    session = chat.Chat(model, tokenizer, sampling, args.max_tokens, system=args.system)
+    chat.run(session, report=_report)
+
+
+def _add_generation_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--model", help="checkpoint directory or file, or a Hugging Face hub id "
+                        "(default: the model embedded in rgemma)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: the checkpoint's)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    sampling.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    sampling.add_argument("--top-p", type=float, default=0.95, help="nucleus: smallest set with this mass")
+    sampling.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling.add_argument("--presence-penalty", type=float, default=0.0)
+    sampling.add_argument("--frequency-penalty", type=float, default=0.0)
+    sampling.add_argument("--seed", type=int, help="make sampling reproducible")
+    sampling.add_argument("--logprobs", type=int, default=0, help="report the top-n log-probabilities (--json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rgemma", description="Run and convert RecurrentGemma / Griffin models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=sorted(DTYPES), help="convert the weights to this dtype")
     convert.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
     convert.set_defaults(run=cmd_convert)
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
+    generate.add_argument("prompt", nargs="?", help="the prompt, or - to read it from stdin")
+    generate.add_argument("--prompt-file", help="read the prompt from this file")
+    _add_generation_options(generate, max_tokens=256)
+    generate.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    generate.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format of -it models")
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    generate.add_argument("--state", help="continue from a state file saved with --save-state")
+    generate.add_argument("--save-state", help="save the state at the end (with --max-tokens 0: after the prompt)")
+    generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat (reads stdin, also when not a terminal)")
+    _add_generation_options(chat, max_tokens=512)
+    chat.add_argument("--system", help="a system message, folded into the first user turn")
+    chat.set_defaults(run=cmd_chat)
     return parser
 
 
@@ -96,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one line that names the problem, no traceback.
         print(f"rgemma: error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return 0
     except KeyboardInterrupt:
         print("rgemma: interrupted", file=sys.stderr)
         return 130
