@@ -16,8 +16,9 @@ text between them is encoded, so a message that contains the text
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -244,3 +245,52 @@ def next_user_turn(tokenizer: Tokenizer, content: str) -> list[int]:
     """
     _turn_markers(tokenizer)
     return tokenizer.encode("\n") + _turn(tokenizer, "user", content.strip()) + _open_turn(tokenizer, "model")
+
+
+# Training -------------------------------------------------------------------
+
+
+def train_tokenizer(
+    sentences: Iterable[str],
+    out_file: str | os.PathLike,
+    vocab_size: int,
+    *,
+    add_dummy_prefix: bool = False,
+    turn_markers: bool = True,
+    character_coverage: float = 0.9995,
+    max_sentences: int = 2_000_000,
+) -> Path:
+    """Train a BPE SentencePiece model with Gemma's layout and write it to `out_file`.
+
+    Gemma's layout: pad 0, eos 1, bos 2, unk 3, the turn markers as
+    user-defined pieces, byte fallback (no unknown characters), digits split
+    one by one, no normalisation and no dummy prefix. Deterministic: one
+    thread, and the model is written from memory so no path ends up in it.
+    """
+    model = io.BytesIO()
+    with open(os.devnull, "w") as quiet:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+            pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+            user_defined_symbols=[START_OF_TURN, END_OF_TURN] if turn_markers else [],
+            byte_fallback=True,
+            split_digits=True,
+            character_coverage=character_coverage,
+            normalization_rule_name="identity",
+            add_dummy_prefix=add_dummy_prefix,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=1,
+            logstream=quiet,
+        )
+    out_file = Path(out_file)
+    temporary = out_file.with_name(f".{out_file.name}.tmp")
+    temporary.write_bytes(model.getvalue())
+    os.replace(temporary, out_file)
+    return out_file

@@ -12,13 +12,9 @@ path ends up in it): the same arguments give the same file, byte for byte.
 
 from __future__ import annotations
 
-import io
-import os
 from pathlib import Path
 
-import sentencepiece as spm
-
-TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
+import rgemma.tokenizer
 
 TEXT = """\
 The recurrent model reads one token at a time and keeps a state of fixed size.
@@ -82,26 +78,7 @@ def train_tokenizer(
     lines = TEXT.splitlines()
     # Multi-line sentences, so pieces around newlines are learnt as in chat text.
     sentences = lines + ["\n".join(lines[i : i + 4]) for i in range(0, len(lines), 4)]
-    model = io.BytesIO()
-    with open(os.devnull, "w") as quiet:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_writer=model,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-            pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-            user_defined_symbols=list(TURN_MARKERS) if turn_markers else [],
-            byte_fallback=True,
-            split_digits=True,
-            character_coverage=0.98,
-            normalization_rule_name="identity",
-            add_dummy_prefix=add_dummy_prefix,
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            num_threads=1,
-            logstream=quiet,
-        )
-    path = directory / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+    return rgemma.tokenizer.train_tokenizer(
+        sentences, directory / "tokenizer.model", vocab_size,
+        add_dummy_prefix=add_dummy_prefix, turn_markers=turn_markers, character_coverage=0.98,
+    )

@@ -177,3 +177,14 @@ def test_invalid_requests():
         Request([1], max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=1.5)
+
+
+@pytest.mark.slow
+def test_a_100k_token_prompt(model, tokenizer):
+    prompt = [tokenizer.bos_id] + tokenizer.encode("the sea and the sky ") * 20_000
+    assert len(prompt) > 100_000
+    context = prefill(model, [prompt])
+    assert torch.isfinite(context.logits).all()
+    assert context.state.nbytes == model.init_state(1).nbytes
+    [(tokens, _, _)], _ = run(model, tokenizer, [Request([], GREEDY, max_tokens=5, ignore_eos=True)], context)
+    assert len(tokens) == 5
