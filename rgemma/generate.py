@@ -49,7 +49,7 @@ class Context:
 
     @classmethod
     def merge(cls, contexts: Sequence[Context]) -> Context:
-        if any(c.logits is None for c in contexts) and not all(c.logits is None for c in contexts):
+        if len({c.logits is None for c in contexts}) > 1:
             raise ValueError("cannot merge contexts that have read tokens with ones that have not")
         logits = None if contexts[0].logits is None else torch.cat([c.logits for c in contexts])
         return cls(State.merge([c.state for c in contexts]), logits, [t for c in contexts for t in c.tokens])
