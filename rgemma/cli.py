@@ -26,8 +26,9 @@ def _load(source: str, dtype_name: str | None):
     if source in PRESETS:
         return Griffin(Config.preset(source), dtype=_dtype(dtype_name) or torch.bfloat16, device="meta")
     from rgemma.checkpoint import load_model
+    from rgemma.hub import resolve_model
 
-    return load_model(source, dtype=_dtype(dtype_name))
+    return load_model(resolve_model(source), dtype=_dtype(dtype_name))
 
 
 def cmd_info(args) -> None:
@@ -39,7 +40,7 @@ def cmd_info(args) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state = State.zeros(config, 1, dtype=model.dtype, device="meta")
     info = {
-        "source": args.model,
+        "source": args.model or "embedded default",
         "dtype": str(model.dtype).removeprefix("torch."),
         "parameters": parameters,
         "weight_bytes": weight_bytes,
@@ -50,7 +51,7 @@ def cmd_info(args) -> None:
         print(json.dumps(info, indent=2))
         return
     pattern = "".join("R" if b == "recurrent" else "A" for b in config.block_types)
-    print(f"model        {args.model}")
+    print(f"model        {info['source']}")
     print(f"parameters   {parameters:,} ({weight_bytes / 2**30:.2f} GiB in {info['dtype']})")
     print(f"state        {state.nbytes:,} bytes per sequence, whatever its length")
     print(f"layers       {config.num_layers}: {pattern} (R recurrent, A local attention)")
@@ -248,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="config, parameter count, dtype and state size of a model")
-    info.add_argument("model", help="preset name (2b, 9b, griffin-7b, hawk-7b, tiny) or checkpoint path")
+    info.add_argument("model", nargs="?",
+                      help="preset name (2b, 9b, griffin-7b, hawk-7b, tiny), checkpoint path or hub id "
+                           "(default: the model embedded in rgemma)")
     info.add_argument("--dtype", choices=sorted(DTYPES), help="dtype to report (presets) or load in")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=cmd_info)

@@ -34,3 +34,9 @@ def test_default_command_writes_mostly_english(seed):
     known = sum(w.lower() in WORDS for w in words) / len(words)
     assert known >= 0.85, (known, result.stdout)
     assert re.search(r"[.,;!?]", result.stdout), result.stdout  # sentences, not a word list
+
+
+def test_info_describes_the_default_model():
+    result = subprocess.run([*rgemma_command(), "info"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "embedded default" in result.stdout and "RRARRARRA" in result.stdout
