@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train a tokenizer of this many pieces and write token files (0: skip)")
     data.set_defaults(run=cmd_prepare_data)
 
-    from rgemma import train as training  # argument definitions only; torch is imported already
+    from rgemma import train as training  # its options and defaults live with TrainSettings
 
     tokenize = commands.add_parser("tokenize", help="turn a JSON-lines corpus into a token file for training")
     training.add_tokenize_arguments(tokenize)
