@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rgemma import kernels
 from rgemma.config import RECURRENT, Config
 from rgemma.scan import linear_scan
 from rgemma.state import AttentionState, RecurrentState, State
@@ -79,11 +80,25 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose inference products go through `rgemma.kernels` (decode kernels, CPU GEMM dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """Token embedding that also serves as the tied output layer."""
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(hidden, self.weight)
+
+
 def _normal_(weight: torch.Tensor, variance_scale: float, fan_in: int):
     nn.init.normal_(weight, mean=0.0, std=math.sqrt(variance_scale / fan_in))
 
 
-def _init_linear(linear: nn.Linear, variance_scale: float = 1.0):
+def _init_linear(linear: Linear, variance_scale: float = 1.0):
     _normal_(linear.weight, variance_scale, linear.in_features)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
@@ -94,9 +109,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: Config, **factory):
         super().__init__()
-        self.gate_proj = nn.Linear(config.width, config.mlp_width, **factory)
-        self.up_proj = nn.Linear(config.width, config.mlp_width, **factory)
-        self.down_proj = nn.Linear(config.mlp_width, config.width, **factory)
+        self.gate_proj = Linear(config.width, config.mlp_width, **factory)
+        self.up_proj = Linear(config.width, config.mlp_width, **factory)
+        self.down_proj = Linear(config.mlp_width, config.width, **factory)
 
     def reset_parameters(self, final_variance_scale: float):
         _init_linear(self.gate_proj)
@@ -224,9 +239,9 @@ class RecurrentBlock(nn.Module):
 
     def __init__(self, config: Config, **factory):
         super().__init__()
-        self.linear_y = nn.Linear(config.width, config.lru_width, **factory)
-        self.linear_x = nn.Linear(config.width, config.lru_width, **factory)
-        self.linear_out = nn.Linear(config.lru_width, config.width, **factory)
+        self.linear_y = Linear(config.width, config.lru_width, **factory)
+        self.linear_x = Linear(config.width, config.lru_width, **factory)
+        self.linear_out = Linear(config.lru_width, config.width, **factory)
         self.conv_1d = Conv1D(config.lru_width, config.conv_width, **factory)
         self.rg_lru = RGLRU(config.lru_width, config.num_heads, **factory)
 
@@ -268,10 +283,10 @@ class LocalAttention(nn.Module):
         self.head_dim = config.head_dim
         self.window = config.attention_window
         self.rope_base = config.rope_base
-        self.q_proj = nn.Linear(config.width, config.width, bias=False, **factory)
-        self.k_proj = nn.Linear(config.width, config.head_dim, bias=False, **factory)
-        self.v_proj = nn.Linear(config.width, config.head_dim, bias=False, **factory)
-        self.o_proj = nn.Linear(config.width, config.width, bias=True, **factory)
+        self.q_proj = Linear(config.width, config.width, bias=False, **factory)
+        self.k_proj = Linear(config.width, config.head_dim, bias=False, **factory)
+        self.v_proj = Linear(config.width, config.head_dim, bias=False, **factory)
+        self.o_proj = Linear(config.width, config.width, bias=True, **factory)
 
     def reset_parameters(self, final_variance_scale: float):
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -371,7 +386,7 @@ class Griffin(nn.Module):
         super().__init__()
         self.config = config
         factory = {"dtype": dtype, "device": device}
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.width, **factory)
+        self.embed_tokens = Embedding(config.vocab_size, config.width, **factory)
         self.layers = nn.ModuleList(ResidualBlock(config, block_type, **factory) for block_type in config.block_types)
         self.final_norm = RMSNorm(config.width, config.norm_eps, **factory)
         if torch.device(device or "cpu").type != "meta":
@@ -425,7 +440,7 @@ class Griffin(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output embedding with soft-capping; float32 logits (..., V)."""
-        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        logits = self.embed_tokens.unembed(hidden).float()
         cap = self.config.logits_soft_cap
         if not cap:
             return logits

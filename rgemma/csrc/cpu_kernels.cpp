@@ -1,0 +1,339 @@
+// Matrix-vector kernels for decoding on x86 CPUs with AVX2 and FMA.
+//
+// y (M, N) = x (M, K) @ W (N, K)^T for a few rows of x (decode: one token per
+// sequence). Decoding reads every weight once per step, so it is bound by
+// memory bandwidth if the arithmetic keeps up: each kernel streams its weights
+// once and uses each loaded block for every row of x while it is in registers.
+//
+// Weight formats (the layouts rgemma/quantize.py writes):
+//   float: float32 or bfloat16 (N, K), widened to float32 in registers.
+//   int8:  int8 (N, K) in -127..127 and a float32 scale per output row:
+//          w = q * scale[n].
+//   int4:  uint8 (N, K / 2) holding q in 0..15, and float16 scale and minimum
+//          per group of G inputs (N, K / G), G a multiple of 64:
+//          w = q * scale + minimum. In each block of 64 inputs (32 bytes),
+//          byte i holds input i in its low nibble and input i + 32 in its high
+//          nibble, so a mask and a shift unpack a block into two vectors.
+//
+// Widening int8 or int4 weights to float costs more instructions than the
+// bandwidth leaves time for, so the quantized kernels keep the products in
+// integers, as llama.cpp does: each row of x is quantized to int8 in blocks of
+// 32 (int8) or 64 (int4) inputs (scale max|x| / 127, round to nearest even), maddubs sums pairs of
+// u8 x s8 products into s16 and madd pairs of those into s32; one float
+// multiply-add per block then applies the scales. rgemma/kernels.py holds the
+// same arithmetic in PyTorch, which the tests compare against.
+//
+// Threads: torch's intra-op pool (at::parallel_for), over strips of output rows.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // inputs per inner step
+constexpr int kRowsPerStrip = 4;
+constexpr int64_t kStripsPerTask = 8;
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Calls strip(n0, rows) for strips of kRowsPerStrip output rows (fewer at the end), in parallel.
+template <typename Strip>
+void for_each_strip(int64_t N, Strip strip) {
+  const int64_t strips = (N + kRowsPerStrip - 1) / kRowsPerStrip;
+  at::parallel_for(0, strips, kStripsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t n0 = s * kRowsPerStrip;
+      strip(n0, std::min<int64_t>(kRowsPerStrip, N - n0));
+    }
+  });
+}
+
+// Float weights --------------------------------------------------------------
+
+struct Float32Row {
+  const float* w;
+  void block(int64_t k, __m256* v) const {
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(w + k + 8 * i);
+  }
+  float at(int64_t k) const { return w[k]; }
+};
+
+struct BFloat16Row {
+  const at::BFloat16* w;
+  void block(int64_t k, __m256* v) const {
+    for (int i = 0; i < 4; ++i) {
+      __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8 * i));
+      v[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));  // bf16 is the top half of f32
+    }
+  }
+  float at(int64_t k) const { return static_cast<float>(w[k]); }
+};
+
+// y[m, r] for R weight rows and MB rows of x.
+template <int R, int MB, typename Row>
+void float_tile(const Row* rows, const float* x, float* y, int64_t ldy, int64_t K) {
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t whole = K - K % kBlock;
+  for (int64_t k = 0; k < whole; k += kBlock) {
+    __m256 xs[MB][4];
+    for (int m = 0; m < MB; ++m)
+      for (int i = 0; i < 4; ++i) xs[m][i] = _mm256_loadu_ps(x + m * K + k + 8 * i);
+    for (int r = 0; r < R; ++r) {
+      __m256 w[4];
+      rows[r].block(k, w);
+      for (int m = 0; m < MB; ++m)
+        for (int i = 0; i < 4; ++i) acc[r][m] = _mm256_fmadd_ps(w[i], xs[m][i], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      float dot = horizontal_sum(acc[r][m]);
+      for (int64_t k = whole; k < K; ++k) dot += rows[r].at(k) * x[m * K + k];
+      y[m * ldy + r] = dot;
+    }
+}
+
+template <typename Row, typename MakeRow>
+torch::Tensor float_matvec(const torch::Tensor& x, int64_t N, MakeRow make_row) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_each_strip(N, [&](int64_t n0, int64_t count) {
+    Row rows[kRowsPerStrip];
+    for (int64_t r = 0; r < count; ++r) rows[r] = make_row(n0 + r);
+    for (int64_t m = 0; m < M; m += 2) {
+      const bool pair = m + 2 <= M;
+      float* out = yp + m * N + n0;
+      if (count == kRowsPerStrip)
+        pair ? float_tile<kRowsPerStrip, 2>(rows, xp + m * K, out, N, K)
+             : float_tile<kRowsPerStrip, 1>(rows, xp + m * K, out, N, K);
+      else
+        for (int64_t r = 0; r < count; ++r)
+          pair ? float_tile<1, 2>(rows + r, xp + m * K, out + r, N, K)
+               : float_tile<1, 1>(rows + r, xp + m * K, out + r, N, K);
+    }
+  });
+  return y;
+}
+
+void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous float32 (M, K) tensor");
+}
+
+torch::Tensor float_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  check_x(x);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
+              "weight must be a contiguous (N, K) tensor matching x (M, K)");
+  const int64_t K = w.size(1);
+  if (w.scalar_type() == torch::kBFloat16) {
+    const at::BFloat16* p = w.data_ptr<at::BFloat16>();
+    return float_matvec<BFloat16Row>(x, w.size(0), [=](int64_t n) { return BFloat16Row{p + n * K}; });
+  }
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32, "float_linear takes float32 or bfloat16 weights");
+  const float* p = w.data_ptr<float>();
+  return float_matvec<Float32Row>(x, w.size(0), [=](int64_t n) { return Float32Row{p + n * K}; });
+}
+
+// Quantized weights ------------------------------------------------------------
+
+struct QuantizedX {
+  std::vector<int8_t> q;     // (M, K)
+  std::vector<float> scale;  // (M, K / block)
+};
+
+QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int64_t block) {
+  QuantizedX out{std::vector<int8_t>(M * K), std::vector<float>(M * K / block)};
+  for (int64_t b = 0; b < M * K / block; ++b) {
+    const float* values = x + b * block;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::abs(values[i]));
+    const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+    out.scale[b] = amax / 127.0f;
+    for (int64_t i = 0; i < block; ++i) out.q[b * block + i] = static_cast<int8_t>(std::nearbyint(values[i] * inverse));
+  }
+  return out;
+}
+
+inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline __m256i sum_pairs(__m256i s16) { return _mm256_madd_epi16(s16, _mm256_set1_epi16(1)); }
+
+// One row of int8 weights, w = q * scale: blocks of 32 inputs.
+struct Int8Row {
+  static constexpr int64_t kInputs = 32;
+  const int8_t* q;
+  float scale;
+  __m256i weights(int64_t k) const { return load_256(q + k); }
+  // 8 int32 sums of 32 products. maddubs multiplies unsigned by signed, so it
+  // takes |q| and x carrying q's sign (q is never -128).
+  __m256i dot(__m256i w, const int8_t* x) const {
+    return sum_pairs(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(load_256(x), w)));
+  }
+  float group_scale(int64_t) const { return 1.0f; }
+  float finish(float dot, const float*) const { return dot * scale; }
+};
+
+// One row of int4 weights, w = q * scale + minimum: blocks of 64 inputs, 32 bytes.
+struct Int4Row {
+  static constexpr int64_t kInputs = 64;
+  struct Nibbles {
+    __m256i low, high;  // inputs k .. k+31, k+32 .. k+63, as u8 in 0..15
+  };
+  const uint8_t* q;
+  const at::Half* scale;
+  const at::Half* minimum;
+  int64_t groups;
+  Nibbles weights(int64_t k) const {
+    const __m256i bytes = load_256(q + k / 2), nibble = _mm256_set1_epi8(0x0F);
+    return {_mm256_and_si256(bytes, nibble), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble)};
+  }
+  // 8 int32 sums of 64 products; each s16 pair sum is at most 2 * 15 * 127, so two add safely.
+  __m256i dot(const Nibbles& w, const int8_t* x) const {
+    return sum_pairs(_mm256_add_epi16(_mm256_maddubs_epi16(w.low, load_256(x)),
+                                      _mm256_maddubs_epi16(w.high, load_256(x + 32))));
+  }
+  float group_scale(int64_t g) const { return _cvtsh_ss(scale[g].x); }
+  // The minimum's share: sum over groups of minimum * (sum of x over the group).
+  float finish(float dot, const float* group_sums) const {
+    for (int64_t g = 0; g < groups; ++g) dot += _cvtsh_ss(minimum[g].x) * group_sums[g];
+    return dot;
+  }
+};
+
+// y[m, r] for R weight rows and MB rows of x. x is quantized in blocks of
+// Row::kInputs; `group` inputs (a multiple of that) share a weight scale.
+template <int R, int MB, typename Row>
+void integer_tile(const Row* rows, const int8_t* xq, const float* xscale, const float* group_sums, int64_t groups,
+                  int64_t group, float* y, int64_t ldy, int64_t K) {
+  constexpr int64_t block = Row::kInputs;
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t g = 0, k = 0; k < K; ++g) {
+    float ws[R];
+    for (int r = 0; r < R; ++r) ws[r] = rows[r].group_scale(g);
+    for (const int64_t group_end = k + group; k < group_end; k += block) {
+      float dx[MB];
+      for (int m = 0; m < MB; ++m) dx[m] = xscale[(m * K + k) / block];
+      for (int r = 0; r < R; ++r) {
+        const auto w = rows[r].weights(k);
+        for (int m = 0; m < MB; ++m)
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows[r].dot(w, xq + m * K + k)),
+                                      _mm256_set1_ps(dx[m] * ws[r]), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) y[m * ldy + r] = rows[r].finish(horizontal_sum(acc[r][m]), group_sums + m * groups);
+}
+
+// group_sums (M, groups): sums of x over each group of inputs, for the int4
+// minimum; int8 has one group of K inputs.
+template <typename Row, typename MakeRow>
+torch::Tensor integer_matvec(const torch::Tensor& x, int64_t N, const float* group_sums, int64_t groups,
+                             int64_t group, MakeRow make_row) {
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % Row::kInputs == 0, "this kernel needs K divisible by ", Row::kInputs, ", got ", K);
+  const QuantizedX xq = quantize_x(x.data_ptr<float>(), M, K, Row::kInputs);
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  for_each_strip(N, [&](int64_t n0, int64_t count) {
+    Row rows[kRowsPerStrip];
+    for (int64_t r = 0; r < count; ++r) rows[r] = make_row(n0 + r);
+    for (int64_t m = 0; m < M; m += 2) {
+      const bool pair = m + 2 <= M;
+      const int8_t* q = xq.q.data() + m * K;
+      const float* s = xq.scale.data() + m * K / Row::kInputs;
+      const float* sums = group_sums + m * groups;
+      float* out = yp + m * N + n0;
+      if (count == kRowsPerStrip)
+        pair ? integer_tile<kRowsPerStrip, 2>(rows, q, s, sums, groups, group, out, N, K)
+             : integer_tile<kRowsPerStrip, 1>(rows, q, s, sums, groups, group, out, N, K);
+      else
+        for (int64_t r = 0; r < count; ++r)
+          pair ? integer_tile<1, 2>(rows + r, q, s, sums, groups, group, out + r, N, K)
+               : integer_tile<1, 1>(rows + r, q, s, sums, groups, group, out + r, N, K);
+    }
+  });
+  return y;
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  check_x(x);
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8 && q.size(1) == x.size(1),
+              "int8 weight must be a contiguous int8 (N, K) tensor matching x (M, K)");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == q.size(0),
+              "int8 scale must be float32 with one value per output row");
+  const int8_t* p = q.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  const int64_t K = q.size(1);
+  return integer_matvec<Int8Row>(x, q.size(0), nullptr, 0, K, [=](int64_t n) { return Int8Row{p + n * K, s[n]}; });
+}
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const torch::Tensor& minimum, int64_t group) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group % Int4Row::kInputs == 0 && K % group == 0, "int4 needs a group size that is a multiple of 64 and divides K");
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8 && q.size(1) * 2 == K,
+              "int4 weight must be a contiguous uint8 (N, K / 2) tensor");
+  const int64_t N = q.size(0), groups = K / group;
+  for (const torch::Tensor* t : {&scale, &minimum})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat16 && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                    t->size(1) == groups,
+                "int4 scale and minimum must be contiguous float16 (N, K / group) tensors");
+  const torch::Tensor group_sums = x.view({M, groups, group}).sum(2).contiguous();  // (M, groups)
+  const uint8_t* p = q.data_ptr<uint8_t>();
+  const at::Half* s = scale.data_ptr<at::Half>();
+  const at::Half* mn = minimum.data_ptr<at::Half>();
+  return integer_matvec<Int4Row>(x, N, group_sums.data_ptr<float>(), groups, group, [=](int64_t n) {
+    return Int4Row{p + n * (K / 2), s + n * groups, mn + n * groups, groups};
+  });
+}
+
+// Reads every byte of t once (a bandwidth probe for the roofline); returns a checksum.
+int64_t read_all(const torch::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() && t.nbytes() % 32 == 0, "read_all needs a contiguous tensor of 32-byte multiples");
+  const auto* p = reinterpret_cast<const __m256i*>(t.data_ptr());
+  const int64_t vectors = t.nbytes() / 32;
+  std::atomic<int64_t> checksum{0};
+  at::parallel_for(0, vectors, 1 << 16, [&](int64_t begin, int64_t end) {
+    __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+    int64_t i = begin;
+    for (; i + 4 <= end; i += 4) {
+      a = _mm256_xor_si256(a, _mm256_loadu_si256(p + i));
+      b = _mm256_xor_si256(b, _mm256_loadu_si256(p + i + 1));
+      c = _mm256_xor_si256(c, _mm256_loadu_si256(p + i + 2));
+      d = _mm256_xor_si256(d, _mm256_loadu_si256(p + i + 3));
+    }
+    for (; i < end; ++i) a = _mm256_xor_si256(a, _mm256_loadu_si256(p + i));
+    const __m256i all = _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_xor_si256(c, d));
+    checksum ^= _mm256_extract_epi64(all, 0) ^ _mm256_extract_epi64(all, 1) ^ _mm256_extract_epi64(all, 2) ^
+                _mm256_extract_epi64(all, 3);
+  });
+  return checksum.load();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("float_linear", &float_linear, "x (M, K) float32 @ W (N, K) float32 or bfloat16, transposed -> (M, N)");
+  m.def("int8_linear", &int8_linear, "x (M, K) float32 @ (q * scale), transposed -> (M, N)");
+  m.def("int4_linear", &int4_linear, "x (M, K) float32 @ (q * scale + minimum), transposed -> (M, N)");
+  m.def("read_all", &read_all, "read every byte of a tensor once (bandwidth probe)");
+}
