@@ -9,8 +9,9 @@ they cannot be built or run, every product takes the plain PyTorch path,
 which computes the same function: the tests compare the two.
 
 Prefill multiplies whole chunks of tokens (matrix-matrix), where torch's
-GEMM is the right kernel; on CPUs without native bf16 arithmetic it runs in
-float32, which is several times faster than bf16 there.
+GEMM is the right kernel. On CPUs without native bf16 arithmetic a bf16 GEMM
+runs several times slower than float32, so there models keep bf16 weights but
+compute in float32 (`activation_dtype`), widening weights slice by slice.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # Up to this many rows (tokens across the batch) a product is decode-sized:
 # the native kernels read each weight once for all rows.
 MAX_KERNEL_ROWS = 16
+# A weight widened to the activations' dtype is widened this many bytes at a time.
+WIDEN_BYTES = 64 * 2**20
 
 
 def _cache_dir() -> Path:
@@ -85,18 +88,27 @@ def cpu_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def is_decode_sized(x: torch.Tensor) -> bool:
-    """At most MAX_KERNEL_ROWS rows of activations (..., K): a matrix-vector product."""
-    return x.numel() <= MAX_KERNEL_ROWS * x.shape[-1]
+def is_decode_sized(x: torch.Tensor, row_width: int | None = None) -> bool:
+    """At most MAX_KERNEL_ROWS rows of `row_width` (default: the last dim): a matrix-vector product."""
+    return x.numel() <= MAX_KERNEL_ROWS * (row_width or x.shape[-1])
 
 
-def uses_kernel(x: torch.Tensor) -> bool:
-    """Whether a product with these activations (..., K) goes to the native decode kernels."""
+def uses_kernel(x: torch.Tensor, row_width: int | None = None) -> bool:
+    """Whether a product with these activations goes to the native decode kernels."""
     return (
         x.device.type == "cpu"
-        and is_decode_sized(x)
+        and is_decode_sized(x, row_width)
         and not (torch.is_grad_enabled() and x.requires_grad)
         and native() is not None
+    )
+
+
+def _inference(weight: torch.Tensor) -> bool:
+    """No gradient is wanted, and the weight is in a format the kernels read."""
+    return (
+        not (weight.requires_grad and torch.is_grad_enabled())
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and weight.is_contiguous()
     )
 
 
@@ -105,17 +117,41 @@ def rows_float32(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().contiguous()
 
 
+def activation_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a model with these weights computes in: float32 on CPUs without native bf16/fp16."""
+    return cpu_matmul_dtype(weight_dtype) if device.type == "cpu" else weight_dtype
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the fastest kernel for x's size and device."""
-    if weight.requires_grad and torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    if weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous() and uses_kernel(x):
+    """F.linear(x, weight, bias), through the fastest kernel for x's size and device.
+
+    Weights stored in a narrower dtype than x (bf16 weights, float32
+    activations) are widened a slice of rows at a time, so a product never
+    holds a widened copy of more than WIDEN_BYTES of weights.
+    """
+    if _inference(weight) and uses_kernel(x):
         y = native().float_linear(rows_float32(x), weight)  # (rows, N) float32
         if bias is not None:
             y += bias
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-    if x.device.type == "cpu" and cpu_matmul_dtype(x.dtype) != x.dtype and not is_decode_sized(x):
-        compute = cpu_matmul_dtype(x.dtype)
-        bias = None if bias is None else bias.to(compute)
-        return F.linear(x.to(compute), weight.to(compute), bias).to(x.dtype)
-    return F.linear(x, weight, bias)
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    bias = None if bias is None else bias.to(x.dtype)
+    rows_per_slice = max(1, WIDEN_BYTES // (weight.shape[1] * x.element_size()))
+    if weight.shape[0] <= rows_per_slice:
+        return F.linear(x, weight.to(x.dtype), bias)
+    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, weight.shape[0], rows_per_slice):
+        rows = slice(start, start + rows_per_slice)
+        y[..., rows] = F.linear(x, weight[rows].to(x.dtype), None if bias is None else bias[rows])
+    return y
+
+
+def block_diagonal_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., H, I), weight (H, I, J) -> (..., H, J): each head's block of x times its own matrix."""
+    heads, width = weight.shape[0], weight.shape[0] * weight.shape[1]
+    if _inference(weight) and uses_kernel(x, width):
+        rows = x.reshape(-1, heads, weight.shape[1]).float().contiguous()  # (rows, H, I)
+        y = native().block_diagonal_linear(rows, weight)  # (rows, H, J) float32
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[2])
+    return torch.einsum("...hi,hij->...hj", x, weight.to(x.dtype))

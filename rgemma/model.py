@@ -47,18 +47,22 @@ class TokenLayout:
     segment: torch.Tensor  # (B, T) document starts so far; 0 = the state's own document
     num_pad: torch.Tensor  # (B,)
     max_pad: int
+    first_position: int  # the smallest position of a real token: 0 if a document starts here
     has_history: bool  # the state holds earlier tokens (else attention can skip it)
 
     @classmethod
     def of(cls, positions: torch.Tensor, has_history: bool) -> TokenLayout:
         is_pad = positions < 0
         num_pad = is_pad.sum(dim=1)
+        first = positions.masked_fill(is_pad, torch.iinfo(positions.dtype).max).min()
+        max_pad, first_position = torch.stack([num_pad.max(), first]).tolist()  # one device sync
         return cls(
             positions=positions,
             is_pad=is_pad,
             segment=torch.cumsum(positions == 0, dim=1),
             num_pad=num_pad,
-            max_pad=int(num_pad.max()),
+            max_pad=max_pad,
+            first_position=first_position,
             has_history=has_history,
         )
 
@@ -75,9 +79,7 @@ class RMSNorm(nn.Module):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return F.rms_norm(x.float(), x.shape[-1:], 1.0 + self.weight.float(), self.eps).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -152,12 +154,12 @@ class Conv1D(nn.Module):
             shift = layout.num_pad[:, None]
             index = torch.where(index < shift + num_taps, index - shift, index).clamp(min=0)
             history = history.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
-        out = self.bias + history[:, num_taps:] * self.weight[:, 0, -1]
-        for back in range(1, self.conv_width):
+        windows = history.unfold(1, self.conv_width, 1)  # (B, T, L, C + 1), oldest tap first
+        if layout.max_pad or layout.first_position < num_taps:
             # A tap `back` steps behind a token at document position p exists only if p >= back.
-            in_document = (layout.positions >= back)[..., None].to(x.dtype)
-            window = history[:, num_taps - back : num_taps - back + length]
-            out = out + window * in_document * self.weight[:, 0, -1 - back]
+            back = torch.arange(num_taps, -1, -1, device=x.device)
+            windows = windows * (layout.positions[..., None] >= back)[:, :, None, :].to(x.dtype)
+        out = self.bias + torch.einsum("btlc,lc->btl", windows, self.weight[:, 0].to(x.dtype))
         return out, history[:, -num_taps:]
 
 
@@ -210,7 +212,7 @@ class RGLRU(nn.Module):
     def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         heads = x.view(batch, length, self.num_heads, -1)  # (B, T, H, L/H)
-        y = torch.einsum("bthi,hij->bthj", heads, weight) + bias
+        y = kernels.block_diagonal_linear(heads, weight) + bias
         return torch.sigmoid(y.float()).reshape(batch, length, width)
 
     def forward(
@@ -222,14 +224,17 @@ class RGLRU(nn.Module):
         log_a = -8.0 * recurrence_gate * F.softplus(self.recurrent_param.float())
         a = torch.exp(log_a)
         # sqrt(1 - a^2) normalises the input; -expm1 keeps precision when a -> 1.
-        multiplier = _SqrtClippedGradient.apply(-torch.expm1(2.0 * log_a))
-        reset = (layout.positions == 0)[..., None]
-        pad = layout.is_pad[..., None]
-        # At a document start the state is dropped and the input passes whole;
-        # padding carries the state through unchanged.
-        a = a.masked_fill(reset, 0.0).masked_fill(pad, 1.0)
-        multiplier = multiplier.masked_fill(reset, 1.0)
-        u = (x.float() * input_gate * multiplier).masked_fill(pad, 0.0)
+        one_minus_a_sq = -torch.expm1(2.0 * log_a)
+        multiplier = _SqrtClippedGradient.apply(one_minus_a_sq) if log_a.requires_grad else one_minus_a_sq.sqrt()
+        if layout.first_position == 0:  # at a document start the state is dropped and the input passes whole
+            reset = (layout.positions == 0)[..., None]
+            a = a.masked_fill(reset, 0.0)
+            multiplier = multiplier.masked_fill(reset, 1.0)
+        u = x.float() * input_gate * multiplier
+        if layout.max_pad:  # padding carries the state through unchanged
+            pad = layout.is_pad[..., None]
+            a = a.masked_fill(pad, 1.0)
+            u = u.masked_fill(pad, 0.0)
         h, h_last = linear_scan(a, u, h0)
         return h.to(x.dtype), h_last
 
@@ -272,6 +277,19 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.T
     first, second, rest = x32[..., :half], x32[..., half:rope_dim], x32[..., rope_dim:]
     rotated = torch.cat([first * cos - second * sin, second * cos + first * sin, rest], dim=-1)
     return rotated.to(x.dtype)
+
+
+def _attend_few(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of a few queries (decoding) in float32, as two small matmuls.
+
+    q (B, Q, H, K), keys and values (B, S, K), visible (B, Q, S) -> (B, Q, H, K).
+    torch's CPU fused attention is several times slower for a single query.
+    """
+    scores = torch.einsum("bqhk,bsk->bhqs", q.float(), keys.float()) * scale
+    scores.masked_fill_(~visible[:, None], float("-inf"))
+    return torch.einsum("bhqs,bsk->bqhk", scores.softmax(dim=-1), values.float()).to(q.dtype)
 
 
 class LocalAttention(nn.Module):
@@ -335,6 +353,8 @@ class LocalAttention(nn.Module):
             values = torch.cat([state.v.to(v.dtype), values], dim=1)
         # Padding queries see everything, so that their (unused) outputs stay finite.
         visible = visible | layout.is_pad[:, start:end, None]
+        if kernels.is_decode_sized(q[:, start:end], q.shape[-1] * q.shape[-2]):
+            return _attend_few(q[:, start:end], keys, values, visible, self.head_dim**-0.5)
         out = F.scaled_dot_product_attention(
             q[:, start:end].transpose(1, 2),  # (B, H, Q, K)
             keys[:, None],  # (B, 1, S, K)
@@ -407,8 +427,13 @@ class Griffin(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The weights' dtype, or float32 where the CPU has no native bf16/fp16 arithmetic."""
+        return kernels.activation_dtype(self.dtype, self.device)
+
     def init_state(self, batch_size: int) -> State:
-        return State.zeros(self.config, batch_size, dtype=self.dtype, device=self.device)
+        return State.zeros(self.config, batch_size, dtype=self.activation_dtype, device=self.device)
 
     def _positions(self, tokens: torch.Tensor, positions: torch.Tensor | None, state: State | None) -> torch.Tensor:
         batch, length = tokens.shape
@@ -431,7 +456,7 @@ class Griffin(nn.Module):
         layout = TokenLayout.of(positions, has_history=state is not None)
         if state is None:
             state = self.init_state(tokens.shape[0])
-        x = self.embed_tokens(tokens) * self.config.embedding_scale
+        x = self.embed_tokens(tokens).to(self.activation_dtype) * self.config.embedding_scale
         for layer, layer_state in zip(self.layers, state.layers):
             x = layer(x, layout, layer_state)
         last = positions[:, -1]
