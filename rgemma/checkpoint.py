@@ -11,6 +11,10 @@ views, so a transposed official tensor is not copied either; such parameters
 are non-contiguous, which every torch op accepts.
 
 Saving always writes the Hugging Face layout, which transformers can read.
+Quantized models (rgemma/quantize.py) are saved in that layout too, their
+format recorded in config.json and in every safetensors header; loading
+reads the format from there, and can also quantize a float checkpoint
+tensor by tensor as it loads.
 """
 
 from __future__ import annotations
@@ -33,10 +37,14 @@ from safetensors.torch import save_file
 
 from rgemma.config import ATTENTION, RECURRENT, Config
 from rgemma.model import Griffin
+from rgemma.quantize import (
+    DEFAULT_GROUP_SIZE, Quantization, check_format, format_dtypes, quantizable, quantize_model, quantize_weight,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+QUANTIZATION_KEY = "quantization"  # in config.json and in the safetensors headers
 TIED_HEAD = "lm_head.weight"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Files that mark an Orbax checkpoint directory (older and newer orbax versions).
@@ -132,8 +140,11 @@ def official_name(ours: str) -> tuple[str, Fix]:
     return theirs.format(i=layer[1]), fix
 
 
+HF_PREFIX = "model."
+
+
 def hf_name(ours: str) -> tuple[str, Fix]:
-    return "model." + ours, same
+    return HF_PREFIX + ours, same
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +159,23 @@ HF_NAMING = Naming(hf_name, re.compile(r"model\.layers\.(\d+)\."))
 OFFICIAL_NAMING = Naming(official_name, re.compile(r"blocks\.(\d+)\."))
 
 
+def quantized_hf_naming(modules: tuple[str, ...]) -> Naming:
+    """HF names, where a quantized module's weight is found as its qweight, whose rows are the weight's.
+
+    Only the config inference asks for such weights (their row counts and
+    presence); the quantized model itself names qweight, scale and minimum.
+    """
+    quantized = set(modules)
+
+    def name(ours: str) -> tuple[str, Fix]:
+        module = ours.removesuffix(".weight")
+        if module != ours and module in quantized:
+            return f"{HF_PREFIX}{module}.qweight", same
+        return hf_name(ours)
+
+    return Naming(name, HF_NAMING.layer)
+
+
 # Reading ---------------------------------------------------------------------
 
 
@@ -158,6 +186,7 @@ class Stored:
     file: Path
     shape: tuple[int, ...]
     read: Callable[[], torch.Tensor]
+    dtype: torch.dtype | None = None  # where the file tells it without reading
 
 
 @dataclasses.dataclass
@@ -167,6 +196,7 @@ class Checkpoint:
     naming: Naming
     hf_config: dict | None = None  # config.json, for Hugging Face directories
     tied_head: Stored | None = None  # lm_head.weight, which must equal the embedding
+    quantization: Quantization | None = None  # its "quantization" record, if any
 
 
 def _open(path: Path, files: contextlib.ExitStack) -> Checkpoint:
@@ -213,8 +243,9 @@ def _open_hf(directory: Path, files: contextlib.ExitStack) -> Checkpoint:
     else:
         raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE} (or {INDEX_FILE} and its shards)")
 
+    headers = {}
     if weight_map is None:
-        tensors = _read_safetensors(directory / WEIGHTS_FILE, files)
+        tensors, headers[WEIGHTS_FILE] = _read_safetensors(directory / WEIGHTS_FILE, files)
     else:
         tensors = {}
         shards: dict[str, dict[str, Stored]] = {}
@@ -222,22 +253,57 @@ def _open_hf(directory: Path, files: contextlib.ExitStack) -> Checkpoint:
             if shard not in shards:
                 if not (directory / shard).is_file():
                     raise CheckpointError(f"{directory / INDEX_FILE}: names shard {shard}, which is missing")
-                shards[shard] = _read_safetensors(directory / shard, files)
+                shards[shard], headers[shard] = _read_safetensors(directory / shard, files)
             if name not in shards[shard]:
                 raise CheckpointError(f"{directory / shard}: lacks tensor {name}, which {INDEX_FILE} places there")
             tensors[name] = shards[shard][name]
     tied_head = tensors.pop(TIED_HEAD, None)
-    return Checkpoint(directory, tensors, HF_NAMING, hf_config=hf_config, tied_head=tied_head)
+    record = _quantization_record(directory, hf_config, headers)
+    naming = HF_NAMING if record is None else quantized_hf_naming(record.modules)
+    return Checkpoint(directory, tensors, naming, hf_config=hf_config, tied_head=tied_head, quantization=record)
 
 
-def _read_safetensors(file: Path, files: contextlib.ExitStack) -> dict[str, Stored]:
+def _quantization_record(directory: Path, hf_config: dict, headers: dict[str, dict]) -> Quantization | None:
+    """The checkpoint's quantization record; config.json and every safetensors header must hold the same."""
+    declared = hf_config.get(QUANTIZATION_KEY)
+    try:
+        record = None if declared is None else Quantization.from_json(declared, prefix=HF_PREFIX)
+    except ValueError as error:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {error}") from error
+    for file, header in headers.items():
+        text = header.get(QUANTIZATION_KEY)
+        if declared is None and text is not None:
+            raise CheckpointError(f"{directory / file}: header records a quantization that {CONFIG_FILE} lacks")
+        if declared is not None and text is None:
+            raise CheckpointError(f"{directory / file}: header lacks the quantization that {CONFIG_FILE} records")
+        try:
+            same_record = text is None or json.loads(text) == declared
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{directory / file}: header field quantization is not JSON: {error}") from error
+        if not same_record:
+            raise CheckpointError(f"{directory / file}: header quantization differs from the one in {CONFIG_FILE}")
+    return record
+
+
+# safetensors' dtype names, for checking the quantized formats before reading.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(file: Path, files: contextlib.ExitStack) -> tuple[dict[str, Stored], dict[str, str]]:
+    """The file's tensors and its header metadata."""
     try:
         # safe_open memory-maps the file; get_tensor returns a view of the map.
         handle = files.enter_context(safe_open(file, framework="pt"))
-        return {
-            name: Stored(file, tuple(handle.get_slice(name).get_shape()), functools.partial(handle.get_tensor, name))
-            for name in handle.keys()
-        }
+        tensors = {}
+        for name in handle.keys():
+            info = handle.get_slice(name)
+            tensors[name] = Stored(file, tuple(info.get_shape()), functools.partial(handle.get_tensor, name),
+                                   SAFETENSORS_DTYPES.get(info.get_dtype()))
+        return tensors, handle.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(
             f"{file}: not a readable safetensors file (truncated or corrupt?): {_first_line(error)}"
@@ -377,7 +443,9 @@ def _shape_fields(checkpoint: Checkpoint) -> dict:
     if not layers:
         example = checkpoint.naming.name("layers.0.temporal_pre_norm.weight")[0]
         raise CheckpointError(f"{checkpoint.path}: has no layer tensors (with names like {example})")
-    vocab_size, width = _shape(checkpoint, "embed_tokens.weight", 2)
+    # Rows only: a quantized embedding's row length is packed (int4), the norm's is not.
+    vocab_size = _shape(checkpoint, "embed_tokens.weight", 2)[0]
+    (width,) = _shape(checkpoint, "final_norm.weight", 1)
     block_types = tuple(_block_type(checkpoint, layer) for layer in range(max(layers) + 1))
     fields = {
         "vocab_size": vocab_size,
@@ -441,6 +509,7 @@ def _config(checkpoint: Checkpoint, overrides: dict) -> Config:
 def _plan(checkpoint: Checkpoint, model: Griffin) -> dict[str, tuple[Stored, Fix]]:
     """Match every model tensor to a stored one, checking names and shapes before anything is read."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    formats = format_dtypes(model)  # quantized tensors must come in their format's dtype
     plan, used, problems = {}, set(), []
 
     def where(stored: Stored) -> str:
@@ -456,13 +525,20 @@ def _plan(checkpoint: Checkpoint, model: Griffin) -> dict[str, tuple[Stored, Fix
             problems.append(
                 f"shape mismatch for {theirs}{where(stored)}: file has {stored.shape}, model needs {shape} for {ours}"
             )
+        elif ours in formats and stored.dtype != formats[ours]:
+            problems.append(
+                f"dtype mismatch for {theirs}{where(stored)}: file has {stored.dtype}, the quantized format "
+                f"stores {formats[ours]}"
+            )
         else:
             plan[ours] = (stored, fix)
     problems += [
         f"unexpected tensor {name}{where(stored)}" for name, stored in checkpoint.tensors.items() if name not in used
     ]
-    head, embedding = checkpoint.tied_head, expected["embed_tokens.weight"]
-    if head is not None and head.shape != embedding:
+    head, embedding = checkpoint.tied_head, expected.get("embed_tokens.weight")
+    if head is not None and embedding is None:
+        problems.append(f"unexpected tensor {TIED_HEAD}: the output layer is the quantized embedding")
+    elif head is not None and head.shape != embedding:
         problems.append(f"shape mismatch for {TIED_HEAD}: file has {head.shape}, the tied embedding has {embedding}")
     problems = list(dict.fromkeys(problems))  # the two MLP branches share a tensor
     if problems:
@@ -483,34 +559,81 @@ def load_model(
     path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
+    quantize: int | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    progress: Callable | None = None,
     **config_overrides,
 ) -> Griffin:
     """Load a Hugging Face directory, an official PyTorch .pt file or an official Orbax/Flax directory.
 
-    `dtype` defaults to the checkpoint's own. `config_overrides` are Config
-    fields, e.g. `attention_window=1024`; official checkpoints need them for
-    what tensor shapes cannot tell, which otherwise takes the RecurrentGemma values.
+    `dtype` defaults to the checkpoint's own; in a quantized checkpoint it is
+    the dtype of the parts kept in float. `quantize` (8 or 4) quantizes a
+    float checkpoint while loading it, tensor by tensor (`group_size` for
+    int4), as `rgemma.quantize.quantize_model` would after loading.
+    `progress`, if given, wraps the iteration over tensors, as
+    tqdm(iterable, total=n) does. `config_overrides` are Config fields, e.g.
+    `attention_window=1024`; official checkpoints need them for what tensor
+    shapes cannot tell, which otherwise takes the RecurrentGemma values.
     """
     path = Path(path)
     dtype = _torch_dtype(dtype)
+    if quantize is not None:
+        check_format(quantize, group_size)
     with contextlib.ExitStack() as files:
         checkpoint = _open(path, files)
         # On the meta device nothing is allocated; load_state_dict(assign=True)
         # then takes the tensors, dtype included, as they are.
         model = Griffin(_config(checkpoint, config_overrides), device="meta")
+        if checkpoint.quantization is not None:
+            if quantize is not None:
+                raise CheckpointError(
+                    f"{path}: is already quantized ({checkpoint.quantization.bits} bits); load it as it is, "
+                    "or quantize its float original (errors would add up)"
+                )
+            try:
+                checkpoint.quantization.apply(model)
+            except ValueError as error:
+                raise CheckpointError(f"{path / CONFIG_FILE}: {error}") from error
         plan = _plan(checkpoint, model)
-        embedding = plan["embed_tokens.weight"][0].read()
-        if checkpoint.tied_head is not None and not torch.equal(checkpoint.tied_head.read(), embedding):
+        if checkpoint.tied_head is not None and not torch.equal(
+            checkpoint.tied_head.read(), plan["embed_tokens.weight"][0].read()
+        ):
             raise CheckpointError(f"{path}: {TIED_HEAD} differs from the embedding; Griffin ties the two")
-        dtype = dtype or embedding.dtype
+        # The checkpoint's dtype: its embedding's, or a quantized one's norm's.
+        reference = plan.get("embed_tokens.weight", plan["final_norm.weight"])[0]
+        dtype = dtype or reference.dtype or reference.read().dtype
+        formats = format_dtypes(model)
+        to_quantize = set(quantizable(model)) if quantize is not None else set()
         # One tensor at a time: a tensor already in the right dtype and device
-        # stays a view of the file; any other is converted on its own.
-        state = {name: fix(stored.read()).to(device=device, dtype=dtype) for name, (stored, fix) in plan.items()}
+        # stays a view of the file; any other is converted, or quantized, on its own.
+        state = {}
+        items = plan.items() if progress is None else progress(plan.items(), total=len(plan))
+        for name, (stored, fix) in items:
+            tensor = fix(stored.read())
+            module = name.removesuffix(".weight")
+            if module not in to_quantize:
+                state[name] = tensor.to(device=device, dtype=formats.get(name, dtype))
+                continue
+            try:
+                parts = quantize_weight(tensor.to(dtype), quantize, group_size)
+            except ValueError as error:
+                raise CheckpointError(
+                    f"{stored.file}: {module} cannot be stored in {quantize} bits: its weight {error}"
+                ) from error
+            state.update({f"{module}.{part}": t.to(device) for part, t in parts.items()})
+        if quantize is not None:
+            quantize_model(model, quantize, group_size)  # on the meta device: empty quantized modules
+        model.to(dtype)  # on the meta device: tells quantized modules the dtype of their float outputs
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
 # Saving ----------------------------------------------------------------------
+
+
+def _refuse_existing(out_dir: Path):
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir}: already exists and is not an empty directory; will not overwrite it")
 
 
 @contextlib.contextmanager
@@ -519,8 +642,7 @@ def _new_directory(out_dir: Path) -> Iterator[Path]:
 
     On any failure the temporary directory is removed, so nothing appears at `out_dir`.
     """
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise CheckpointError(f"{out_dir}: already exists and is not an empty directory; will not overwrite it")
+    _refuse_existing(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
     staging.mkdir()
@@ -559,7 +681,11 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list
 def _write_hf(model: Griffin, directory: Path, max_shard_bytes: int):
     # The `model.` prefix is what transformers' RecurrentGemmaForCausalLM expects;
     # lm_head is tied to the embedding and not stored.
-    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    tensors = {f"{HF_PREFIX}{name}": t for name, t in model.state_dict().items()}
+    # A quantized model records its format in every file, so no file is read by guesswork.
+    record = Quantization.of(model)
+    record = None if record is None else record.to_json(prefix=HF_PREFIX)
+    header = {"format": "pt"} if record is None else {"format": "pt", QUANTIZATION_KEY: json.dumps(record)}
     shards = _shards(tensors, max_shard_bytes)
     files = (
         [WEIGHTS_FILE] if len(shards) == 1
@@ -568,7 +694,7 @@ def _write_hf(model: Griffin, directory: Path, max_shard_bytes: int):
     for file, names in zip(files, shards):
         # One shard at a time is made contiguous on the CPU (transposed views are copied).
         shard = {name: tensors[name].cpu().contiguous() for name in names}
-        save_file(shard, directory / file, metadata={"format": "pt"})
+        save_file(shard, directory / file, metadata=header)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
@@ -576,6 +702,8 @@ def _write_hf(model: Griffin, directory: Path, max_shard_bytes: int):
         }
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     hf_config = model.config.to_hf_dict() | {"dtype": str(model.dtype).removeprefix("torch.")}
+    if record is not None:
+        hf_config[QUANTIZATION_KEY] = record
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
@@ -602,8 +730,11 @@ def convert(
 
     Tokenizer files found with the source (in a Hugging Face directory, or
     beside an official file or directory, as the official releases ship them) are copied too.
+    `overrides` go to `load_model`: config fields, and `quantize=8|4`,
+    `group_size`, `progress` to write a quantized checkpoint.
     """
     src, dst = Path(src), Path(dst)
+    _refuse_existing(dst)  # before the work of loading
     model = load_model(src, dtype=dtype, **overrides)
     tokenizer_dir = src if (src / CONFIG_FILE).is_file() else src.parent
     with _new_directory(dst) as staging:

@@ -16,34 +16,51 @@ def _dtype(name: str | None):
     return None if name is None else getattr(torch, DTYPES[name])
 
 
-def _load(source: str, dtype_name: str | None):
+def _quantize_options(args) -> dict:
+    """load_model's quantization arguments from --quantize and --group-size."""
+    if args.group_size is not None and args.quantize != 4:
+        raise ValueError("--group-size applies to --quantize 4 only (int8 keeps one scale per row)")
+    if args.quantize is None:
+        return {}
+    return {"quantize": args.quantize} | ({} if args.group_size is None else {"group_size": args.group_size})
+
+
+def _load(args):
     """A preset name gives an uninitialised model on the meta device; anything else is a checkpoint path."""
     import torch
 
     from rgemma import Config, Griffin
     from rgemma.config import PRESETS
+    from rgemma.quantize import quantize_model
 
-    if source in PRESETS:
-        return Griffin(Config.preset(source), dtype=_dtype(dtype_name) or torch.bfloat16, device="meta")
+    quantize = _quantize_options(args)
+    if args.model in PRESETS:
+        model = Griffin(Config.preset(args.model), dtype=_dtype(args.dtype) or torch.bfloat16, device="meta")
+        if quantize:  # on the meta device: the quantized modules, empty, to count their bytes
+            quantize_model(model, quantize["quantize"], **({"group_size": args.group_size} if args.group_size else {}))
+        return model
     from rgemma.checkpoint import load_model
     from rgemma.hub import resolve_model
 
-    return load_model(resolve_model(source), dtype=_dtype(dtype_name))
+    return load_model(resolve_model(args.model), dtype=_dtype(args.dtype), **quantize)
 
 
 def cmd_info(args) -> None:
+    from rgemma.quantize import Quantization, parameter_count
     from rgemma.state import State
 
-    model = _load(args.model, args.dtype)
+    model = _load(args)
     config = model.config
-    parameters = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    parameters = parameter_count(model)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    quantization = Quantization.of(model)
     state = State.zeros(config, 1, dtype=model.dtype, device="meta")
     info = {
         "source": args.model or "embedded default",
         "dtype": str(model.dtype).removeprefix("torch."),
         "parameters": parameters,
         "weight_bytes": weight_bytes,
+        "quantization": None if quantization is None else quantization.to_json(),
         "state_bytes_per_sequence": state.nbytes,
         "config": {**{k: getattr(config, k) for k in config.__dataclass_fields__}, "block_types": list(config.block_types)},
     }
@@ -52,7 +69,14 @@ def cmd_info(args) -> None:
         return
     pattern = "".join("R" if b == "recurrent" else "A" for b in config.block_types)
     print(f"model        {info['source']}")
-    print(f"parameters   {parameters:,} ({weight_bytes / 2**30:.2f} GiB in {info['dtype']})")
+    if quantization is None:
+        print(f"parameters   {parameters:,} ({weight_bytes / 2**30:.2f} GiB in {info['dtype']})")
+    else:
+        scales = ("a scale per row" if quantization.bits == 8
+                  else f"a scale and minimum per {quantization.group_size} inputs")
+        print(f"parameters   {parameters:,} ({weight_bytes:,} bytes = {weight_bytes / 2**30:.2f} GiB)")
+        print(f"quantization int{quantization.bits} with {scales}, in {len(quantization.modules)} modules "
+              f"(embedding and linears); the RG-LRU, convolution, norms and biases in {info['dtype']}")
     print(f"state        {state.nbytes:,} bytes per sequence, whatever its length")
     print(f"layers       {config.num_layers}: {pattern} (R recurrent, A local attention)")
     print(f"width        {config.width}, lru {config.lru_width}, mlp {config.mlp_width} x2, "
@@ -69,6 +93,25 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.dst}", file=sys.stderr)
 
 
+def cmd_quantize(args) -> None:
+    import functools
+
+    from tqdm import tqdm
+
+    from rgemma.checkpoint import convert
+    from rgemma.quantize import DEFAULT_GROUP_SIZE, check_format
+
+    if args.group_size is not None and args.bits != 4:
+        raise ValueError("--group-size applies to --bits 4 only (int8 keeps one scale per row)")
+    group_size = DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
+    check_format(args.bits, group_size)  # before the progress bar, so that a bad value is one line
+    progress = functools.partial(tqdm, desc=f"quantizing to int{args.bits}", unit="tensor", file=sys.stderr,
+                                 leave=False)
+    convert(args.src, args.dst, dtype=_dtype(args.dtype), max_shard_bytes=int(args.max_shard_gb * 2**30),
+            quantize=args.bits, group_size=group_size, progress=progress)
+    print(f"wrote {args.dst}", file=sys.stderr)
+
+
 def _load_generator(args):
     """Model and tokenizer from --model (a path, a hub id, or the embedded default)."""
     from rgemma.checkpoint import load_model
@@ -80,7 +123,7 @@ def _load_generator(args):
 
         torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
-    model = load_model(path, dtype=_dtype(args.dtype)).eval()
+    model = load_model(path, dtype=_dtype(args.dtype), **_quantize_options(args)).eval()
     return model, Tokenizer.find(path)
 
 
@@ -226,10 +269,25 @@ def cmd_train(args) -> None:
     train.run(args)
 
 
+def _add_quantize_options(parser: argparse.ArgumentParser) -> None:
+    # Validated by rgemma.quantize, so that a bad value is a one-line error like any other.
+    parser.add_argument("--quantize", type=int, metavar="{8,4}",
+                        help="quantize a float checkpoint's weights to int8 or int4 while loading")
+    parser.add_argument("--group-size", type=int, metavar="N",
+                        help="inputs per int4 group, a multiple of 64 (default 64)")
+
+
+def cmd_bench(args) -> None:
+    from rgemma import bench
+
+    bench.main(args)
+
+
 def _add_generation_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--model", help="checkpoint directory or file, or a Hugging Face hub id "
                         "(default: the model embedded in rgemma)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: the checkpoint's)")
+    _add_quantize_options(parser)
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     parser.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
     sampling = parser.add_argument_group("sampling")
@@ -253,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="preset name (2b, 9b, griffin-7b, hawk-7b, tiny), checkpoint path or hub id "
                            "(default: the model embedded in rgemma)")
     info.add_argument("--dtype", choices=sorted(DTYPES), help="dtype to report (presets) or load in")
+    _add_quantize_options(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=cmd_info)
 
@@ -263,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=sorted(DTYPES), help="convert the weights to this dtype")
     convert.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
     convert.set_defaults(run=cmd_convert)
+
+    quantize = commands.add_parser(
+        "quantize", help="write a checkpoint with int8 or int4 weights (the RG-LRU, conv and norms stay float)")
+    quantize.add_argument("src", help="a float checkpoint (any format `convert` reads)")
+    quantize.add_argument("dst", help="output directory (must not exist)")
+    quantize.add_argument("--bits", type=int, required=True, metavar="{8,4}",
+                          help="8: int8 with a scale per output row; 4: int4 with a scale and minimum per group")
+    quantize.add_argument("--group-size", type=int, metavar="N",
+                          help="inputs per int4 group, a multiple of 64 (default 64)")
+    quantize.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the parts kept in float "
+                          "(default: the checkpoint's)")
+    quantize.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
+    quantize.set_defaults(run=cmd_quantize)
 
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
     generate.add_argument("prompt", nargs="?", help="the prompt, or - to read it from stdin")
@@ -298,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a Griffin from scratch on a token file (resumes a run)")
     training.add_arguments(train)
     train.set_defaults(run=cmd_train)
+
+    from rgemma import bench as benchmark  # its options live with the benchmark
+
+    bench = commands.add_parser(
+        "bench", help="speed and memory of rgemma, transformers and the official code, side by side on the same weights")
+    benchmark.add_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -20,8 +20,8 @@
 // integers, as llama.cpp does: each row of x is quantized to int8 in blocks of
 // 32 (int8) or 64 (int4) inputs (scale max|x| / 127, round to nearest even), maddubs sums pairs of
 // u8 x s8 products into s16 and madd pairs of those into s32; one float
-// multiply-add per block then applies the scales. rgemma/kernels.py holds the
-// same arithmetic in PyTorch, which the tests compare against.
+// multiply-add per block then applies the scales. tests/test_kernels.py holds
+// the same arithmetic in PyTorch and compares the two.
 //
 // Threads: torch's intra-op pool (at::parallel_for), over strips of output rows.
 

@@ -1,0 +1,144 @@
+"""The native CPU kernels against exact PyTorch mirrors of their arithmetic.
+
+The quantized kernels quantize each row of x to int8 in blocks (scale
+max|x| / 127, round half to even), sum integer products per block, and apply
+the scales per block; the mirrors below do the same in float64, so the only
+difference left is the kernels' float32 accumulation order (about 1e-7 of the
+output here). Leaving out the activation quantization would be off by about
+1e-2, far outside the tolerance.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rgemma import kernels
+from rgemma.quantize import pack_int4
+
+pytestmark = pytest.mark.skipif(kernels.native() is None, reason="the native CPU kernels cannot be built here")
+
+ROWS = range(1, 18)  # one more than the decode limit: the kernels take any M
+OUTPUTS = 13  # not a multiple of the 4-row strips
+
+
+def close(y: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5):
+    """|y - expected| <= rtol x the root-mean-square of the expected output, elementwise."""
+    scale = expected.double().pow(2).mean().sqrt().item()
+    torch.testing.assert_close(y.double(), expected.double(), rtol=0, atol=rtol * scale)
+
+
+def activations(rows: int, inputs: int, seed: int) -> torch.Tensor:
+    x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(seed))
+    x[0, :32] = 0.0  # an all-zero block: scale 0
+    if inputs >= 64:
+        # A block whose largest value is 127, so x * 127 / max lands on halves: round half to even.
+        x[-1, 32:64] = torch.arange(32) - 15.5
+        x[-1, 32] = 127.0
+    return x
+
+
+def quantize_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> int8 values as float64 (M, K/block, block), scales float64 (M, K/block)."""
+    blocks = x.unflatten(1, (-1, block))
+    amax = blocks.abs().amax(-1)
+    inverse = torch.where(amax > 0, 127.0 / amax, 0.0)  # float32, as the kernel computes it
+    q = torch.round(blocks * inverse[..., None])  # torch.round rounds half to even, as nearbyint
+    return q.double(), (amax / 127.0).double()
+
+
+def int8_mirror(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    xq, xs = quantize_activations(x, 32)
+    dots = torch.einsum("mbi,nbi->mnb", xq, q.double().unflatten(1, (-1, 32)))  # exact integer sums
+    return (dots * xs[:, None, :]).sum(-1) * scale.double()
+
+
+def int4_mirror(x, packed, scale, minimum, group) -> torch.Tensor:
+    from rgemma.quantize import unpack_int4
+
+    xq, xs = quantize_activations(x, 64)  # (M, K/64, 64)
+    q = unpack_int4(packed).double().unflatten(1, (-1, 64))  # (N, K/64, 64)
+    dots = torch.einsum("mbi,nbi->mnb", xq, q)
+    per_block = scale.double().repeat_interleave(group // 64, dim=1)  # (N, K/64)
+    # The product dx * scale is rounded to float32 in the kernel, as here.
+    block_scales = (xs.float()[:, None, :] * per_block.float()[None]).double()
+    group_sums = x.view(x.shape[0], -1, group).sum(2).double()  # (M, G), float32 sums as the kernel takes them
+    return (dots * block_scales).sum(-1) + group_sums @ minimum.double().T
+
+
+@pytest.mark.parametrize("inputs", [32, 96, 320])
+def test_int8_kernel_equals_its_mirror(inputs):
+    generator = torch.Generator().manual_seed(inputs)
+    q = torch.randint(-127, 128, (OUTPUTS, inputs), generator=generator, dtype=torch.int8)
+    q[0, :4] = torch.tensor([127, -127, 127, -127], dtype=torch.int8)
+    scale = torch.rand(OUTPUTS, generator=generator) * 0.02
+    for rows in ROWS:
+        x = activations(rows, inputs, seed=rows)
+        y = kernels.native().int8_linear(x, q, scale)
+        expected = int8_mirror(x, q, scale)
+        close(y, expected)
+        if rows == 3:  # the tolerance resolves the activation quantization
+            unquantized = x.double() @ (q.double() * scale.double()[:, None]).T
+            assert (y.double() - unquantized).abs().max() > 100 * 1e-5 * expected.pow(2).mean().sqrt()
+
+
+@pytest.mark.parametrize("inputs, group", [(64, 64), (192, 64), (256, 128), (384, 192)])
+def test_int4_kernel_equals_its_mirror(inputs, group):
+    generator = torch.Generator().manual_seed(inputs + group)
+    q = torch.randint(0, 16, (OUTPUTS, inputs), generator=generator, dtype=torch.uint8)
+    packed = pack_int4(q)
+    groups = inputs // group
+    scale = (torch.rand(OUTPUTS, groups, generator=generator) * 0.01).half()
+    minimum = (-torch.rand(OUTPUTS, groups, generator=generator) * 0.08).half()
+    for rows in ROWS:
+        x = activations(rows, inputs, seed=100 + rows)
+        y = kernels.native().int4_linear(x, packed, scale, minimum, group)
+        close(y, int4_mirror(x, packed, scale, minimum, group))
+
+
+def test_int4_kernel_reads_the_documented_nibble_layout():
+    # One weight row with a single 1 at input k (scale 1, minimum 0) picks x[:, k].
+    x = torch.arange(128, dtype=torch.float32)[None] + 1.0
+    for k in (0, 5, 31, 32, 40, 63, 64, 100):
+        q = torch.zeros(1, 128, dtype=torch.uint8)
+        q[0, k] = 1
+        packed = pack_int4(q)
+        byte = (k // 64) * 32 + k % 32
+        assert packed[0, byte] == (1 if k % 64 < 32 else 16)  # low nibble: inputs 0-31 of a block; high: 32-63
+        y = kernels.native().int4_linear(x, packed, torch.ones(1, 2).half(), torch.zeros(1, 2).half(), 64)
+        amax = x[0, (k // 64) * 64 : (k // 64) * 64 + 64].abs().max()
+        xq = torch.round(x[0, k] * (127.0 / amax)) * (amax / 127.0)  # x[k] after activation quantization
+        torch.testing.assert_close(y[0, 0], xq, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inputs", [32, 70, 256])  # 70: a tail after the last 32-input block
+def test_float_kernel_equals_f_linear(dtype, inputs):
+    generator = torch.Generator().manual_seed(inputs)
+    w = torch.randn(OUTPUTS, inputs, generator=generator).to(dtype)
+    for rows in ROWS:
+        x = torch.randn(rows, inputs, generator=generator)
+        close(kernels.native().float_linear(x, w), F.linear(x.double(), w.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, inputs, outputs", [(2, 16, 16), (3, 12, 20), (10, 256, 256)])  # 20: a tail of 4
+def test_block_diagonal_kernel_equals_einsum(dtype, heads, inputs, outputs):
+    generator = torch.Generator().manual_seed(heads * inputs)
+    w = torch.randn(heads, inputs, outputs, generator=generator).to(dtype)
+    for rows in (1, 2, 5, 16):
+        x = torch.randn(rows, heads, inputs, generator=generator)
+        expected = torch.einsum("mhi,hij->mhj", x.double(), w.double())
+        close(kernels.native().block_diagonal_linear(x, w), expected)
+
+
+def test_linear_widens_narrow_weights_a_slice_at_a_time(monkeypatch):
+    """bf16 weights with float32 activations: the GEMM path equals F.linear on the widened weight."""
+    monkeypatch.setattr(kernels, "WIDEN_BYTES", 7 * 40 * 4)  # 7 rows per slice: 3 slices, the last short
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(17, 40, generator=generator).bfloat16()
+    bias = torch.randn(17, generator=generator).bfloat16()
+    x = torch.randn(2, 30, 40, generator=generator)  # 60 rows: past the decode kernels
+    expected = F.linear(x, w.float(), bias.float())
+    torch.testing.assert_close(kernels.linear(x, w, bias), expected, rtol=1e-5, atol=1e-5)
+    decode = x[:, :1]  # 2 rows: the native kernel
+    torch.testing.assert_close(kernels.linear(decode, w, bias), expected[:, :1], rtol=1e-5, atol=1e-5)
