@@ -59,10 +59,19 @@ void for_each_strip(int64_t N, Strip strip) {
   });
 }
 
+// Rows are short (a few KB), too short for the hardware prefetcher to ramp up
+// on each, so every block read also prefetches the same place one strip
+// further on: the rows of the next strip, read next, follow this one's in memory.
+template <typename Row>
+int64_t prefetch_distance(const Row* rows, int64_t count) {
+  return count > 1 ? (rows[1].bytes(0) - rows[0].bytes(0)) * kRowsPerStrip : 0;
+}
+
 // Float weights --------------------------------------------------------------
 
 struct Float32Row {
   const float* w;
+  const char* bytes(int64_t k) const { return reinterpret_cast<const char*>(w + k); }
   void block(int64_t k, __m256* v) const {
     for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(w + k + 8 * i);
   }
@@ -71,6 +80,7 @@ struct Float32Row {
 
 struct BFloat16Row {
   const at::BFloat16* w;
+  const char* bytes(int64_t k) const { return reinterpret_cast<const char*>(w + k); }
   void block(int64_t k, __m256* v) const {
     for (int i = 0; i < 4; ++i) {
       __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8 * i));
@@ -82,7 +92,7 @@ struct BFloat16Row {
 
 // y[m, r] for R weight rows and MB rows of x.
 template <int R, int MB, typename Row>
-void float_tile(const Row* rows, const float* x, float* y, int64_t ldy, int64_t K) {
+void float_tile(const Row* rows, const float* x, float* y, int64_t ldy, int64_t K, int64_t ahead) {
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -92,6 +102,7 @@ void float_tile(const Row* rows, const float* x, float* y, int64_t ldy, int64_t 
     for (int m = 0; m < MB; ++m)
       for (int i = 0; i < 4; ++i) xs[m][i] = _mm256_loadu_ps(x + m * K + k + 8 * i);
     for (int r = 0; r < R; ++r) {
+      _mm_prefetch(rows[r].bytes(k) + ahead, _MM_HINT_T1);
       __m256 w[4];
       rows[r].block(k, w);
       for (int m = 0; m < MB; ++m)
@@ -115,16 +126,17 @@ torch::Tensor float_matvec(const torch::Tensor& x, int64_t N, MakeRow make_row) 
   for_each_strip(N, [&](int64_t n0, int64_t count) {
     Row rows[kRowsPerStrip];
     for (int64_t r = 0; r < count; ++r) rows[r] = make_row(n0 + r);
+    const int64_t ahead = prefetch_distance(rows, count);
     for (int64_t m = 0; m < M; m += 2) {
       const bool pair = m + 2 <= M;
       float* out = yp + m * N + n0;
       if (count == kRowsPerStrip)
-        pair ? float_tile<kRowsPerStrip, 2>(rows, xp + m * K, out, N, K)
-             : float_tile<kRowsPerStrip, 1>(rows, xp + m * K, out, N, K);
+        pair ? float_tile<kRowsPerStrip, 2>(rows, xp + m * K, out, N, K, ahead)
+             : float_tile<kRowsPerStrip, 1>(rows, xp + m * K, out, N, K, ahead);
       else
         for (int64_t r = 0; r < count; ++r)
-          pair ? float_tile<1, 2>(rows + r, xp + m * K, out + r, N, K)
-               : float_tile<1, 1>(rows + r, xp + m * K, out + r, N, K);
+          pair ? float_tile<1, 2>(rows + r, xp + m * K, out + r, N, K, ahead)
+               : float_tile<1, 1>(rows + r, xp + m * K, out + r, N, K, ahead);
     }
   });
   return y;
@@ -242,6 +254,7 @@ struct Int8Row {
   static constexpr int64_t kInputs = 32;
   const int8_t* q;
   float scale;
+  const char* bytes(int64_t k) const { return reinterpret_cast<const char*>(q + k); }
   __m256i weights(int64_t k) const { return load_256(q + k); }
   // 8 int32 sums of 32 products. maddubs multiplies unsigned by signed, so it
   // takes |q| and x carrying q's sign (q is never -128).
@@ -262,6 +275,7 @@ struct Int4Row {
   const at::Half* scale;
   const at::Half* minimum;
   int64_t groups;
+  const char* bytes(int64_t k) const { return reinterpret_cast<const char*>(q + k / 2); }
   Nibbles weights(int64_t k) const {
     const __m256i bytes = load_256(q + k / 2), nibble = _mm256_set1_epi8(0x0F);
     return {_mm256_and_si256(bytes, nibble), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble)};
@@ -283,7 +297,7 @@ struct Int4Row {
 // Row::kInputs; `group` inputs (a multiple of that) share a weight scale.
 template <int R, int MB, typename Row>
 void integer_tile(const Row* rows, const int8_t* xq, const float* xscale, const float* group_sums, int64_t groups,
-                  int64_t group, float* y, int64_t ldy, int64_t K) {
+                  int64_t group, float* y, int64_t ldy, int64_t K, int64_t ahead) {
   constexpr int64_t block = Row::kInputs;
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
@@ -295,6 +309,7 @@ void integer_tile(const Row* rows, const int8_t* xq, const float* xscale, const 
       float dx[MB];
       for (int m = 0; m < MB; ++m) dx[m] = xscale[(m * K + k) / block];
       for (int r = 0; r < R; ++r) {
+        _mm_prefetch(rows[r].bytes(k) + ahead, _MM_HINT_T1);
         const auto w = rows[r].weights(k);
         for (int m = 0; m < MB; ++m)
           acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows[r].dot(w, xq + m * K + k)),
@@ -319,6 +334,7 @@ torch::Tensor integer_matvec(const torch::Tensor& x, int64_t N, const float* gro
   for_each_strip(N, [&](int64_t n0, int64_t count) {
     Row rows[kRowsPerStrip];
     for (int64_t r = 0; r < count; ++r) rows[r] = make_row(n0 + r);
+    const int64_t ahead = prefetch_distance(rows, count);
     for (int64_t m = 0; m < M; m += 2) {
       const bool pair = m + 2 <= M;
       const int8_t* q = xq.q.data() + m * K;
@@ -326,12 +342,12 @@ torch::Tensor integer_matvec(const torch::Tensor& x, int64_t N, const float* gro
       const float* sums = group_sums + m * groups;
       float* out = yp + m * N + n0;
       if (count == kRowsPerStrip)
-        pair ? integer_tile<kRowsPerStrip, 2>(rows, q, s, sums, groups, group, out, N, K)
-             : integer_tile<kRowsPerStrip, 1>(rows, q, s, sums, groups, group, out, N, K);
+        pair ? integer_tile<kRowsPerStrip, 2>(rows, q, s, sums, groups, group, out, N, K, ahead)
+             : integer_tile<kRowsPerStrip, 1>(rows, q, s, sums, groups, group, out, N, K, ahead);
       else
         for (int64_t r = 0; r < count; ++r)
-          pair ? integer_tile<1, 2>(rows + r, q, s, sums, groups, group, out + r, N, K)
-               : integer_tile<1, 1>(rows + r, q, s, sums, groups, group, out + r, N, K);
+          pair ? integer_tile<1, 2>(rows + r, q, s, sums, groups, group, out + r, N, K, ahead)
+               : integer_tile<1, 1>(rows + r, q, s, sums, groups, group, out + r, N, K, ahead);
     }
   });
   return y;
