@@ -23,6 +23,7 @@ from pathlib import Path
 # in a fresh interpreter.
 WRITER = """
 import json, sys, torch, rgemma
+from rgemma.bench import official_config
 from pathlib import Path
 
 def randomise_(module):
@@ -33,17 +34,6 @@ def randomise_(module):
             param.uniform_(-0.02, 0.02)
     return module
 
-def official(config):
-    from recurrentgemma import common
-    kinds = {"recurrent": common.TemporalBlockType.RECURRENT, "attention": common.TemporalBlockType.ATTENTION}
-    return common.GriffinConfig(
-        vocab_size=config.vocab_size, width=config.width, mlp_expanded_width=config.mlp_width,
-        num_heads=config.num_heads, lru_width=config.lru_width,
-        block_types=tuple(kinds[b] for b in config.block_types),
-        embeddings_scale_by_sqrt_dim=config.embeddings_scale_by_sqrt_dim,
-        attention_window_size=config.attention_window, logits_soft_cap=config.logits_soft_cap,
-    )
-
 preset, layout, directory = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 config = rgemma.Config.preset(preset)
 if layout == "hf":
@@ -51,7 +41,7 @@ if layout == "hf":
     path = rgemma.save_model(model, directory / "model")
 else:
     from recurrentgemma.torch import griffin
-    model = randomise_(griffin.Griffin(official(config), device="meta", dtype=torch.bfloat16))
+    model = randomise_(griffin.Griffin(official_config(config), device="meta", dtype=torch.bfloat16))
     path = directory / "model.pt"
     torch.save(model.state_dict(), path)
 weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
