@@ -67,6 +67,29 @@ int64_t prefetch_distance(const Row* rows, int64_t count) {
   return count > 1 ? (rows[1].bytes(0) - rows[0].bytes(0)) * kRowsPerStrip : 0;
 }
 
+// Calls tiles.run<R, MB>(rows, m, n, ahead) for every strip of output rows and
+// every pair of rows of x (a single row at the end): weight rows n.. against x
+// rows m... A strip of kRowsPerStrip rows runs as one tile; a shorter last strip
+// runs row by row.
+template <typename Row, typename MakeRow, typename Tiles>
+void for_each_tile(int64_t M, int64_t N, MakeRow make_row, const Tiles& tiles) {
+  for_each_strip(N, [&](int64_t n0, int64_t count) {
+    Row rows[kRowsPerStrip];
+    for (int64_t r = 0; r < count; ++r) rows[r] = make_row(n0 + r);
+    const int64_t ahead = prefetch_distance(rows, count);
+    for (int64_t m = 0; m < M; m += 2) {
+      const bool pair = m + 2 <= M;
+      if (count == kRowsPerStrip)
+        pair ? tiles.template run<kRowsPerStrip, 2>(rows, m, n0, ahead)
+             : tiles.template run<kRowsPerStrip, 1>(rows, m, n0, ahead);
+      else
+        for (int64_t r = 0; r < count; ++r)
+          pair ? tiles.template run<1, 2>(rows + r, m, n0 + r, ahead)
+               : tiles.template run<1, 1>(rows + r, m, n0 + r, ahead);
+    }
+  });
+}
+
 // Float weights --------------------------------------------------------------
 
 struct Float32Row {
@@ -117,28 +140,21 @@ void float_tile(const Row* rows, const float* x, float* y, int64_t ldy, int64_t 
     }
 }
 
+struct FloatTiles {
+  const float* x;
+  float* y;
+  int64_t N, K;
+  template <int R, int MB, typename Row>
+  void run(const Row* rows, int64_t m, int64_t n, int64_t ahead) const {
+    float_tile<R, MB>(rows, x + m * K, y + m * N + n, N, K, ahead);
+  }
+};
+
 template <typename Row, typename MakeRow>
 torch::Tensor float_matvec(const torch::Tensor& x, int64_t N, MakeRow make_row) {
   const int64_t M = x.size(0), K = x.size(1);
   auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for_each_strip(N, [&](int64_t n0, int64_t count) {
-    Row rows[kRowsPerStrip];
-    for (int64_t r = 0; r < count; ++r) rows[r] = make_row(n0 + r);
-    const int64_t ahead = prefetch_distance(rows, count);
-    for (int64_t m = 0; m < M; m += 2) {
-      const bool pair = m + 2 <= M;
-      float* out = yp + m * N + n0;
-      if (count == kRowsPerStrip)
-        pair ? float_tile<kRowsPerStrip, 2>(rows, xp + m * K, out, N, K, ahead)
-             : float_tile<kRowsPerStrip, 1>(rows, xp + m * K, out, N, K, ahead);
-      else
-        for (int64_t r = 0; r < count; ++r)
-          pair ? float_tile<1, 2>(rows + r, xp + m * K, out + r, N, K, ahead)
-               : float_tile<1, 1>(rows + r, xp + m * K, out + r, N, K, ahead);
-    }
-  });
+  for_each_tile<Row>(M, N, make_row, FloatTiles{x.data_ptr<float>(), y.data_ptr<float>(), N, K});
   return y;
 }
 
@@ -321,6 +337,20 @@ void integer_tile(const Row* rows, const int8_t* xq, const float* xscale, const 
     for (int m = 0; m < MB; ++m) y[m * ldy + r] = rows[r].finish(horizontal_sum(acc[r][m]), group_sums + m * groups);
 }
 
+struct IntegerTiles {
+  const int8_t* xq;          // (M, K)
+  const float* xscale;       // (M, K / block)
+  const float* group_sums;   // (M, groups)
+  int64_t groups, group, block;
+  float* y;
+  int64_t N, K;
+  template <int R, int MB, typename Row>
+  void run(const Row* rows, int64_t m, int64_t n, int64_t ahead) const {
+    integer_tile<R, MB>(rows, xq + m * K, xscale + m * K / block, group_sums + m * groups, groups, group,
+                        y + m * N + n, N, K, ahead);
+  }
+};
+
 // group_sums (M, groups): sums of x over each group of inputs, for the int4
 // minimum; int8 has one group of K inputs.
 template <typename Row, typename MakeRow>
@@ -330,26 +360,8 @@ torch::Tensor integer_matvec(const torch::Tensor& x, int64_t N, const float* gro
   TORCH_CHECK(K % Row::kInputs == 0, "this kernel needs K divisible by ", Row::kInputs, ", got ", K);
   const QuantizedX xq = quantize_x(x.data_ptr<float>(), M, K, Row::kInputs);
   auto y = torch::empty({M, N}, x.options());
-  float* yp = y.data_ptr<float>();
-  for_each_strip(N, [&](int64_t n0, int64_t count) {
-    Row rows[kRowsPerStrip];
-    for (int64_t r = 0; r < count; ++r) rows[r] = make_row(n0 + r);
-    const int64_t ahead = prefetch_distance(rows, count);
-    for (int64_t m = 0; m < M; m += 2) {
-      const bool pair = m + 2 <= M;
-      const int8_t* q = xq.q.data() + m * K;
-      const float* s = xq.scale.data() + m * K / Row::kInputs;
-      const float* sums = group_sums + m * groups;
-      float* out = yp + m * N + n0;
-      if (count == kRowsPerStrip)
-        pair ? integer_tile<kRowsPerStrip, 2>(rows, q, s, sums, groups, group, out, N, K, ahead)
-             : integer_tile<kRowsPerStrip, 1>(rows, q, s, sums, groups, group, out, N, K, ahead);
-      else
-        for (int64_t r = 0; r < count; ++r)
-          pair ? integer_tile<1, 2>(rows + r, q, s, sums, groups, group, out + r, N, K, ahead)
-               : integer_tile<1, 1>(rows + r, q, s, sums, groups, group, out + r, N, K, ahead);
-    }
-  });
+  for_each_tile<Row>(M, N, make_row, IntegerTiles{xq.q.data(), xq.scale.data(), group_sums, groups, group,
+                                                   Row::kInputs, y.data_ptr<float>(), N, K});
   return y;
 }
 
