@@ -157,13 +157,13 @@ def _prompt_text(args) -> str:
     return sys.stdin.read() if args.prompt == "-" else args.prompt
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int, device: torch.device):
     """A progress bar on stderr for prompts longer than one prefill chunk."""
     from tqdm import tqdm
 
-    from rgemma.model import PREFILL_CHUNK
+    from rgemma.model import prefill_chunk
 
-    if total <= PREFILL_CHUNK:
+    if total <= prefill_chunk(device):
         return None
     bar = tqdm(total=total, unit="tok", desc="reading prompt", file=sys.stderr, leave=False)
     return bar.update
@@ -184,13 +184,13 @@ def cmd_generate(args) -> None:
     else:
         prompt = tokenizer.encode(text, bos=context is None)
     if args.max_tokens == 0:  # only read the prompt, e.g. to --save-state it
-        context = prefill(model, [prompt], context, progress=_progress_bar(len(prompt)))
+        context = prefill(model, [prompt], context, progress=_progress_bar(len(prompt), model.device))
         if args.save_state:
             context.save(args.save_state, model)
         return
     request = Request(prompt, sampling, args.max_tokens, stop=args.stop or (), ignore_eos=args.ignore_eos,
                       keep_context=bool(args.save_state))
-    generation = Generation(model, [request], tokenizer, context, prefill_progress=_progress_bar(len(prompt)))
+    generation = Generation(model, [request], tokenizer, context, prefill_progress=_progress_bar(len(prompt), model.device))
     pieces, tokens, logprobs, finish = [], [], [], None
     for events in generation:
         event = events[0]

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from rgemma.model import PREFILL_CHUNK, Griffin
+from rgemma.decode import DecodeStep
+from rgemma.model import Griffin
 from rgemma.sampling import Sampler, SamplingParams
 from rgemma.state import State, StateFileError, load_state, save_state
 
@@ -76,7 +77,7 @@ def prefill(
     model: Griffin,
     prompts: Sequence[Sequence[int]],
     context: Context | None = None,
-    chunk_size: int = PREFILL_CHUNK,
+    chunk_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Context:
     """Append each prompt to its row of `context` (or to a fresh one): left-padded, read in chunks.
@@ -204,6 +205,7 @@ class Generation:
         self.prefill_progress = prefill_progress
         self.contexts: dict[int, Context] = {}
         self.stats = Stats()
+        self.decode_step = DecodeStep(model)
         eos = tokenizer.eos_id if tokenizer is not None else 1
         turn_end = getattr(tokenizer, "end_of_turn_id", None)
         # -it models end their turn with <end_of_turn>; base models never produce it.
@@ -263,8 +265,7 @@ class Generation:
                 state, history, events = state.select(feed), [history[r] for r in feed], [events[r] for r in feed]
                 sampler.select(feed)
             step = torch.tensor([e.token for e in events], dtype=torch.int64, device=self.model.device)[:, None]
-            logits, state = self.model(step, state=state)
-            logits = logits[:, -1]
+            logits, state = self.decode_step(step, state)
             for row, event in enumerate(events):
                 if event.finish_reason:
                     self.contexts[event.request] = Context(state.select([row]), logits[row : row + 1], [history[row]])

@@ -32,12 +32,18 @@ from rgemma.state import AttentionState, RecurrentState, State
 # Queries are processed in blocks of this many, so attention memory is
 # O(T x W), never O(T^2).
 ATTENTION_QUERY_BLOCK = 512
-# Long inputs to `prefill` are read in chunks of this many tokens: enough rows
-# for an efficient GEMM; activations of a 2b chunk stay near 0.6 GiB (2048-token
-# chunks peaked at 1.8 GiB above the weights).
-PREFILL_CHUNK = 512
+# Long inputs to `prefill` are read in chunks of this many tokens, by device
+# type: enough rows for an efficient GEMM. On CPUs a 2b chunk's activations
+# stay near 0.6 GiB (2048-token chunks peaked at 1.8 GiB above the weights);
+# GPUs need longer chunks to keep their matrix units busy.
+PREFILL_CHUNKS = {"cpu": 512, "cuda": 2048}
 # Gradient of sqrt is clipped at this value (bf16 training stability).
 MAX_SQRT_GRADIENT = 1000.0
+
+
+def prefill_chunk(device: torch.device | str) -> int:
+    """How many tokens `Griffin.prefill` reads at a time on this device."""
+    return PREFILL_CHUNKS.get(torch.device(device).type, PREFILL_CHUNKS["cpu"])
 
 
 @dataclasses.dataclass
@@ -66,6 +72,23 @@ class TokenLayout:
             max_pad=max_pad,
             first_position=first_position,
             has_history=has_history,
+        )
+
+    @classmethod
+    def of_step(cls, positions: torch.Tensor) -> TokenLayout:
+        """One real token per row after the state's history (decoding), read without a device sync.
+
+        A row may start a document here (position 0), so the reset masks are
+        kept; none is padding.
+        """
+        return cls(
+            positions=positions,
+            is_pad=torch.zeros_like(positions, dtype=torch.bool),
+            segment=(positions == 0).long(),
+            num_pad=torch.zeros_like(positions[:, 0]),
+            max_pad=0,
+            first_position=0,
+            has_history=True,
         )
 
 
@@ -372,6 +395,14 @@ class LocalAttention(nn.Module):
         positions = layout.positions
         started = (positions == 0).any(dim=1)  # a new document: forget the old one
         state.pos.masked_fill_(started[:, None], -1)
+        if positions.shape[1] == 1:  # one token per row: a scatter, with no device sync
+            slot = (positions % self.window)[..., None]  # (B, 1, 1)
+            real = positions[..., None] >= 0  # (B, 1, 1); padding leaves its slot as it was
+            for buffer, new in ((state.k, k), (state.v, v)):
+                index = slot.expand(-1, -1, buffer.shape[2])
+                buffer.scatter_(1, index, torch.where(real, new.to(buffer.dtype), buffer.gather(1, index)))
+            state.pos.scatter_(1, slot[..., 0], torch.where(real[..., 0], positions, state.pos.gather(1, slot[..., 0])))
+            return
         last = positions[:, -1:]
         keep = (layout.segment == layout.segment[:, -1:]) & (positions >= 0) & (positions > last - self.window)
         rows, cols = keep.nonzero(as_tuple=True)
@@ -460,12 +491,31 @@ class Griffin(nn.Module):
         layout = TokenLayout.of(positions, has_history=state is not None)
         if state is None:
             state = self.init_state(tokens.shape[0])
+        hidden = self._run_layers(tokens, layout, state)
+        last = positions[:, -1]
+        state.position = torch.where(last >= 0, last + 1, state.position)
+        return hidden, state
+
+    def _run_layers(self, tokens: torch.Tensor, layout: TokenLayout, state: State) -> torch.Tensor:
         x = self.embed_tokens(tokens).to(self.activation_dtype) * self.config.embedding_scale
         for layer, layer_state in zip(self.layers, state.layers):
             x = layer(x, layout, layer_state)
-        last = positions[:, -1]
-        state.position = torch.where(last >= 0, last + 1, state.position)
-        return self.final_norm(x), state
+        return self.final_norm(x)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
+        """Read one token per row at the row's next position: tokens (B, 1) -> next logits (B, V) float32.
+
+        The same result as `forward(tokens, state=state)`, but nothing is read
+        back from the device, so the step can be captured in a CUDA graph
+        (`rgemma.decode`). The state is updated in place.
+        """
+        if tokens.shape != (state.batch_size, 1):
+            raise ValueError(f"a step reads tokens of shape ({state.batch_size}, 1), got {tuple(tokens.shape)}")
+        positions = state.position[:, None]  # (B, 1)
+        hidden = self._run_layers(tokens, TokenLayout.of_step(positions), state)
+        state.position = positions[:, 0] + 1
+        return self.logits(hidden[:, -1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output embedding with soft-capping; float32 logits (..., V)."""
@@ -490,15 +540,17 @@ class Griffin(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         state: State | None = None,
-        chunk_size: int = PREFILL_CHUNK,
+        chunk_size: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> tuple[torch.Tensor, State]:
         """Read a prompt of any length in chunks; return the last position's logits (B, V) and the state.
 
-        Memory stays at the state plus one chunk's activations, and only the
-        last position pays for the vocabulary projection. `progress` is told
-        how many tokens each chunk read.
+        Memory stays at the state plus one chunk's activations (chunks of
+        `prefill_chunk(device)` tokens by default), and only the last position
+        pays for the vocabulary projection. `progress` is told how many tokens
+        each chunk read.
         """
+        chunk_size = chunk_size or prefill_chunk(self.device)
         positions = self._positions(tokens, positions, state)
         hidden = None
         for start in range(0, tokens.shape[1], chunk_size):

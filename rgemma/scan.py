@@ -1,16 +1,19 @@
 """The linear recurrence h_t = a_t * h_{t-1} + x_t, accumulated in float32.
 
-`linear_scan_loop` is the plain reference. `linear_scan` is the fast path: a
-blocked scan of about 3 sqrt(T) vectorised steps instead of T, with a custom
-backward that is itself a reverse linear scan, so training keeps only a, h and
-h0 for the backward pass.
+`linear_scan_loop` is the plain reference. `linear_scan` is the fast path: on
+CUDA with Triton installed, one fused kernel (`rgemma.triton_scan`);
+elsewhere a blocked scan of about 3 sqrt(T) vectorised steps instead of T.
+Its custom backward is itself a reverse linear scan, so training keeps only
+a, h and h0 for the backward pass.
 
 Shapes: B batch, T time, D channels.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,25 @@ def linear_scan_loop(
     return torch.stack(ys, dim=1), h
 
 
+@functools.cache
+def _fused_scan() -> ModuleType | None:
+    """rgemma.triton_scan where Triton is installed, else None."""
+    try:
+        from rgemma import triton_scan
+    except ImportError:
+        return None
+    return triton_scan
+
+
 def _scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
-    """All h_t for a, x (B, T, D), without autograd bookkeeping.
+    """All h_t for a, x (B, T, D), without autograd bookkeeping."""
+    if x.is_cuda and _fused_scan() is not None:
+        return _fused_scan().scan(a, x, h0)
+    return blocked_scan(a, x, h0)
+
+
+def blocked_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """All h_t for a, x (B, T, D) in PyTorch operations, on any device.
 
     Time is cut into N blocks of C ~ sqrt(T) steps. A first loop of C steps
     runs all blocks at once from a zero state to get each block's end state and

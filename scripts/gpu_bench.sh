@@ -18,6 +18,6 @@ if python -c "import matplotlib" 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -m rgemma.cli bench --preset "${PRESET:-2b}" --device cuda --dtype bfloat16 \
-    --prompt-lengths 1024,4096 --batch-sizes 1,64 --decode-steps "${STEPS:-32}" --warmup 4 \
+    --prompt-lengths 1024,4096 --batch-sizes 1,64 --decode-steps "${STEPS:-32}" --warmup 4 --prefill-repeats 3 \
     --context-growth "${CONTEXT:-1024,4096,16384,32768}" \
     --json "$out/bench.json" "${plot[@]}" | tee "$out/bench.txt"

@@ -118,7 +118,7 @@ def test_context_growth(tmp_path, monkeypatch, one_thread):
                 "engine": name, "source": source, "dtype": "float32", "device": "cpu", "seed": 0,
                 "vocab_size": config.vocab_size, "check_prompt": 0, "check_steps": 0, "prompt_lengths": (),
                 "batch_sizes": (), "decode_context": 0, "decode_steps": 2, "warmup": 1,
-                "context_lengths": lengths, "context_fill": fill,
+                "prefill_repeats": 1, "context_lengths": lengths, "context_fill": fill,
             })
             rows[name, fill] = [fields for section, fields in events if section == "context"]
     for (name, fill), measured in rows.items():

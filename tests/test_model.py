@@ -97,14 +97,33 @@ def test_padding_appended_to_a_state_changes_nothing(tiny):
         torch.testing.assert_close(logits[i, -r.shape[1] :], alone[0], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("length", [1, 3])  # 1: the one-token write of the attention ring buffer
 @torch.no_grad()
-def test_an_all_padding_row_leaves_its_state_unchanged(tiny):
+def test_an_all_padding_row_leaves_its_state_unchanged(tiny, length):
     _, state = tiny(tokens(2, 12, seed=13))
     before = state.clone()
-    positions = torch.stack([12 + torch.arange(3), torch.full((3,), -1)])
-    _, state = tiny(tokens(2, 3, seed=14), positions, state)
+    positions = torch.stack([12 + torch.arange(length), torch.full((length,), -1)])
+    _, state = tiny(tokens(2, length, seed=14), positions, state)
     for a, b in zip(state.select([1]).tensors(), before.select([1]).tensors()):
         assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_step_equals_forward(tiny):
+    # Rows at different positions: row 0 starts a new document on a full state,
+    # the others run on past the window (8) and wrap their ring buffers.
+    _, state = tiny(tokens(3, 13, seed=20))
+    state.position = torch.tensor([0, 13, 5])
+    by_step, by_forward = state.clone(), state.clone()
+    follow = tokens(3, 12, seed=21)
+    for t in range(follow.shape[1]):
+        step_logits = tiny.step(follow[:, t : t + 1], by_step)
+        forward_logits, by_forward = tiny(follow[:, t : t + 1], state=by_forward)
+        torch.testing.assert_close(step_logits, forward_logits[:, -1], rtol=0, atol=2e-5)
+    for a, b in zip(by_step.tensors(), by_forward.tensors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match=r"tokens of shape \(3, 1\)"):
+        tiny.step(follow[:, :2], by_step)
 
 
 @torch.no_grad()

@@ -51,3 +51,38 @@ def test_a_reset_forgets_everything_before():
     start = 300 // 3
     h_after, _ = linear_scan(a[:, start:], x[:, start:], None)
     torch.testing.assert_close(h[:, start:], h_after, rtol=0, atol=1e-12)
+
+
+# The fused CUDA kernel, run by Triton's interpreter on the CPU (a fresh
+# process: the interpreter is chosen when the kernel module is imported).
+_FUSED_SCAN_CHECK = """
+import torch
+from rgemma.scan import linear_scan_loop
+from rgemma.triton_scan import BLOCK_D, BLOCK_T, scan
+
+generator = torch.Generator().manual_seed(0)
+# Lengths across tile boundaries, a width that leaves a partial channel block.
+for length in (1, BLOCK_T + 3):
+    for with_h0 in (False, True):
+        a = torch.rand(2, length, BLOCK_D + 5, generator=generator)
+        a[:, length // 2] = 0.0  # a document start
+        x = torch.randn(2, length, BLOCK_D + 5, generator=generator)
+        h0 = torch.randn(2, BLOCK_D + 5, generator=generator) if with_h0 else None
+        h = scan(a, x, h0)
+        h_ref, _ = linear_scan_loop(a.double(), x.double(), None if h0 is None else h0.double())
+        torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
+        start = length // 2  # after the reset, nothing from before the document start remains
+        torch.testing.assert_close(h[:, start:], scan(a[:, start:], x[:, start:], None), rtol=0, atol=1e-6)
+print("fused scan ok")
+"""
+
+
+def test_fused_scan_kernel_equals_the_loop():
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _FUSED_SCAN_CHECK], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fused scan ok" in result.stdout
