@@ -26,6 +26,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
@@ -112,6 +113,24 @@ def _inference(weight: torch.Tensor) -> bool:
     )
 
 
+_converted = WeakIdKeyDictionary()  # tensor -> (version, converted copy)
+
+
+def parameter_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`. At inference a conversion is kept until t changes, so the small
+    parameters read at every step (norm scales, biases, conv taps) are not
+    converted at every step: on CPUs that compute bf16 models in float32 these
+    conversions were a tenth of a decode step."""
+    if t.dtype == dtype:
+        return t
+    if (t.requires_grad and torch.is_grad_enabled()) or t.is_inference():
+        return t.to(dtype)
+    cached = _converted.get(t)
+    if cached is None or cached[0] != (t._version, dtype):
+        cached = _converted[t] = ((t._version, dtype), t.detach().to(dtype))
+    return cached[1]
+
+
 def rows_float32(x: torch.Tensor) -> torch.Tensor:
     """(..., K) -> contiguous float32 (rows, K), the kernels' input."""
     return x.reshape(-1, x.shape[-1]).float().contiguous()
@@ -132,11 +151,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _inference(weight) and uses_kernel(x):
         y = native().float_linear(rows_float32(x), weight)  # (rows, N) float32
         if bias is not None:
-            y += bias
+            y += parameter_as(bias, y.dtype)
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
-    bias = None if bias is None else bias.to(x.dtype)
+    bias = None if bias is None else parameter_as(bias, x.dtype)
     rows_per_slice = max(1, WIDEN_BYTES // (weight.shape[1] * x.element_size()))
     if weight.shape[0] <= rows_per_slice:
         return F.linear(x, weight.to(x.dtype), bias)
@@ -155,3 +174,30 @@ def block_diagonal_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
         y = native().block_diagonal_linear(rows, weight)  # (rows, H, J) float32
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[2])
     return torch.einsum("...hi,hij->...hj", x, weight.to(x.dtype))
+
+
+def attend_few(
+    q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], scale: float
+) -> torch.Tensor:
+    """Attention of a few queries (decoding) over parts of keys, in float32.
+
+    q (B, Q, H, K); parts [(keys (B, S, K), values (B, S, K), visible (B, Q, S))]
+    -> (B, Q, H, K). The parts (the state's ring buffer, the new keys) are
+    attended to as if concatenated. On CPUs the native kernel reads each key
+    once for all heads; torch's fused attention is several times slower for a
+    single query, so elsewhere it is two small matmuls.
+    """
+    dtype = parts[0][0].dtype
+    if uses_kernel(q, q.shape[-2] * q.shape[-1]) and dtype in (torch.float32, torch.bfloat16):
+        out = native().attend_few(
+            q.float().contiguous(),
+            [keys.to(dtype).contiguous() for keys, _, _ in parts],
+            [values.to(dtype).contiguous() for _, values, _ in parts],
+            [visible.contiguous() for _, _, visible in parts],
+            scale,
+        )
+        return out.to(q.dtype)
+    keys, values, visible = (torch.cat(tensors, dim=-2 if i < 2 else -1) for i, tensors in enumerate(zip(*parts)))
+    scores = torch.einsum("bqhk,bsk->bhqs", q.float(), keys.float()) * scale
+    scores.masked_fill_(~visible[:, None], float("-inf"))
+    return torch.einsum("bhqs,bsk->bqhk", scores.softmax(dim=-1), values.float()).to(q.dtype)

@@ -104,7 +104,8 @@ class RMSNorm(nn.Module):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), x.shape[-1:], 1.0 + self.weight.float(), self.eps).to(x.dtype)
+        scale = 1.0 + kernels.parameter_as(self.weight, torch.float32)
+        return F.rms_norm(x.float(), x.shape[-1:], scale, self.eps).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -184,7 +185,8 @@ class Conv1D(nn.Module):
             # A tap `back` steps behind a token at document position p exists only if p >= back.
             back = torch.arange(num_taps, -1, -1, device=x.device)
             windows = windows * (layout.positions[..., None] >= back)[:, :, None, :].to(x.dtype)
-        out = self.bias + torch.einsum("btlc,lc->btl", windows, self.weight[:, 0].to(x.dtype))
+        weight = kernels.parameter_as(self.weight, x.dtype)[:, 0]  # (L, C + 1)
+        out = kernels.parameter_as(self.bias, x.dtype) + (windows * weight).sum(dim=-1)
         return out, history[:, -num_taps:]
 
 
@@ -237,7 +239,7 @@ class RGLRU(nn.Module):
     def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         heads = x.view(batch, length, self.num_heads, -1)  # (B, T, H, L/H)
-        y = kernels.block_diagonal_linear(heads, weight) + bias
+        y = kernels.block_diagonal_linear(heads, weight) + kernels.parameter_as(bias, x.dtype)
         return torch.sigmoid(y.float()).reshape(batch, length, width)
 
     def forward(
@@ -246,7 +248,7 @@ class RGLRU(nn.Module):
         """x (B, T, L), h0 (B, L) float32 -> y (B, T, L), last state (B, L) float32."""
         input_gate = self._gate(x, self.input_gate_weight, self.input_gate_bias)
         recurrence_gate = self._gate(x, self.recurrent_gate_weight, self.recurrent_gate_bias)
-        log_a = -8.0 * recurrence_gate * F.softplus(self.recurrent_param.float())
+        log_a = -8.0 * recurrence_gate * F.softplus(kernels.parameter_as(self.recurrent_param, torch.float32))
         a = torch.exp(log_a)
         # sqrt(1 - a^2) normalises the input; -expm1 keeps precision when a -> 1.
         one_minus_a_sq = -torch.expm1(2.0 * log_a)
@@ -304,19 +306,6 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.T
     return rotated.to(x.dtype)
 
 
-def _attend_few(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Attention of a few queries (decoding) in float32, as two small matmuls.
-
-    q (B, Q, H, K), keys and values (B, S, K), visible (B, Q, S) -> (B, Q, H, K).
-    torch's CPU fused attention is several times slower for a single query.
-    """
-    scores = torch.einsum("bqhk,bsk->bhqs", q.float(), keys.float()) * scale
-    scores.masked_fill_(~visible[:, None], float("-inf"))
-    return torch.einsum("bhqs,bsk->bqhk", scores.softmax(dim=-1), values.float()).to(q.dtype)
-
-
 class LocalAttention(nn.Module):
     """Multi-query attention over a sliding window: a query at position q sees keys q-W..q."""
 
@@ -365,7 +354,9 @@ class LocalAttention(nn.Module):
             (layout.segment[:, start:end, None] == layout.segment[:, None, key_start:end])
             & (k_pos >= 0) & (distance >= 0) & (distance <= self.window)
         )
-        keys, values = k[:, key_start:end], v[:, key_start:end]
+        # Padding queries see everything, so that their (unused) outputs stay finite.
+        is_pad = layout.is_pad[:, start:end, None]
+        parts = [(k[:, key_start:end], v[:, key_start:end], visible | is_pad)]
         if layout.has_history and start < self.window + layout.max_pad:
             # Keys of the state's document, seen by queries that still belong to it.
             cached_distance = q_pos - state.pos[:, None, :]
@@ -373,13 +364,10 @@ class LocalAttention(nn.Module):
                 (layout.segment[:, start:end, None] == 0) & (state.pos[:, None, :] >= 0)
                 & (cached_distance >= 0) & (cached_distance <= self.window)
             )
-            visible = torch.cat([cached_visible, visible], dim=2)
-            keys = torch.cat([state.k.to(k.dtype), keys], dim=1)
-            values = torch.cat([state.v.to(v.dtype), values], dim=1)
-        # Padding queries see everything, so that their (unused) outputs stay finite.
-        visible = visible | layout.is_pad[:, start:end, None]
+            parts.insert(0, (state.k.to(k.dtype), state.v.to(v.dtype), cached_visible | is_pad))
         if kernels.is_decode_sized(q[:, start:end], q.shape[-1] * q.shape[-2]):
-            return _attend_few(q[:, start:end], keys, values, visible, self.head_dim**-0.5)
+            return kernels.attend_few(q[:, start:end], parts, self.head_dim**-0.5)
+        keys, values, visible = (torch.cat(tensors, dim=-2 if i < 2 else -1) for i, tensors in enumerate(zip(*parts)))
         out = F.scaled_dot_product_attention(
             q[:, start:end].transpose(1, 2),  # (B, H, Q, K)
             keys[:, None],  # (B, 1, S, K)

@@ -190,14 +190,14 @@ class QuantizedLinear(nn.Module):
         if kernels.uses_kernel(x) and self._fits_kernel():
             y = self._native(kernels.rows_float32(x))  # (rows, N) float32
             if self.bias is not None:
-                y += self.bias
+                y += kernels.parameter_as(self.bias, y.dtype)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         compute = kernels.cpu_matmul_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
         return self._plain(x.to(compute)).to(x.dtype)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         """F.linear on the dequantized weight, a block of output rows at a time."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = None if self.bias is None else kernels.parameter_as(self.bias, x.dtype)
         blocks = list(_row_chunks(self.out_features, self.in_features))
         if len(blocks) == 1:
             return F.linear(x, self.dequantize(slice(None), x.dtype), bias)

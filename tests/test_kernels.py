@@ -131,6 +131,37 @@ def test_block_diagonal_kernel_equals_einsum(dtype, heads, inputs, outputs):
         close(kernels.native().block_diagonal_linear(x, w), expected)
 
 
+def attention_reference(q, parts, scale):
+    """Softmax attention over the concatenated parts, in float64."""
+    keys, values, visible = (torch.cat(t, dim=-2 if i < 2 else -1) for i, t in enumerate(zip(*parts)))
+    scores = torch.einsum("bqhk,bsk->bhqs", q.double(), keys.double()) * scale
+    scores.masked_fill_(~visible[:, None], float("-inf"))
+    return torch.einsum("bhqs,bsk->bqhk", scores.softmax(dim=-1), values.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, queries, heads, head_dim, cached", [
+    (1, 1, 10, 256, 2048),  # the 2b decode shape: ring buffer of one window, plus the new key
+    (3, 2, 3, 20, 700),  # a head dim with a tail of 4; chunks of keys ending mid-way
+    (2, 5, 1, 8, 0),  # no history: the new keys only
+])
+def test_attend_few_kernel_equals_softmax_attention(dtype, batch, queries, heads, head_dim, cached, monkeypatch):
+    generator = torch.Generator().manual_seed(cached + heads)
+    q = torch.randn(batch, queries, heads, head_dim, generator=generator)
+    parts = []
+    for length in ([cached] if cached else []) + [queries]:
+        keys = torch.randn(batch, length, head_dim, generator=generator).to(dtype)
+        values = torch.randn(batch, length, head_dim, generator=generator).to(dtype)
+        visible = torch.rand(batch, queries, length, generator=generator) < 0.7
+        visible[..., -1] = True  # every query sees at least one key
+        parts.append((keys, values, visible))
+    expected = attention_reference(q, parts, head_dim**-0.5)
+    close(kernels.native().attend_few(q, *(list(t) for t in zip(*parts)), head_dim**-0.5), expected)
+    close(kernels.attend_few(q, parts, head_dim**-0.5), expected)  # the model's entry point: the kernel
+    monkeypatch.setattr(kernels, "native", lambda: None)  # ... and its PyTorch path, where there is none
+    close(kernels.attend_few(q, parts, head_dim**-0.5), expected)
+
+
 def test_linear_widens_narrow_weights_a_slice_at_a_time(monkeypatch):
     """bf16 weights with float32 activations: the GEMM path equals F.linear on the widened weight."""
     monkeypatch.setattr(kernels, "WIDEN_BYTES", 7 * 40 * 4)  # 7 rows per slice: 3 slices, the last short

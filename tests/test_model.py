@@ -224,18 +224,18 @@ def test_attention_cost_is_linear_in_length(tiny, monkeypatch):
     import rgemma.model
 
     shapes = []  # (queries, keys) of every attention call, fused (SDPA) or for a few queries
-    sdpa, attend_few = torch.nn.functional.scaled_dot_product_attention, rgemma.model._attend_few
+    sdpa, attend_few = torch.nn.functional.scaled_dot_product_attention, rgemma.model.kernels.attend_few
 
     def recording_sdpa(q, k, v, **kwargs):
         shapes.append((q.shape[2], k.shape[2]))
         return sdpa(q, k, v, **kwargs)
 
-    def recording_few(q, keys, values, visible, scale):
-        shapes.append((q.shape[1], keys.shape[1]))
-        return attend_few(q, keys, values, visible, scale)
+    def recording_few(q, parts, scale):
+        shapes.append((q.shape[1], sum(keys.shape[1] for keys, _, _ in parts)))
+        return attend_few(q, parts, scale)
 
     monkeypatch.setattr(rgemma.model.F, "scaled_dot_product_attention", recording_sdpa)
-    monkeypatch.setattr(rgemma.model, "_attend_few", recording_few)
+    monkeypatch.setattr(rgemma.model.kernels, "attend_few", recording_few)
     block, window = rgemma.model.ATTENTION_QUERY_BLOCK, tiny.config.attention_window
     _, state = tiny(tokens(1, 3 * block + 5))
     tiny(tokens(1, 2 * block), state=state)  # with history: the ring buffer adds one window

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -398,6 +399,144 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& q, const 
   });
 }
 
+// Attention of a few queries (decoding) -------------------------------------------
+//
+// out[b, q, h] = softmax_j(scale * q[b, q, h] . key_j) @ value_j over the visible
+// keys j of several parts (the state's ring buffer, then the new tokens' keys),
+// without concatenating them. All heads share the keys (multi-query attention),
+// so each key and value is read from memory once for every head. The keys are
+// cut into chunks run in parallel, each with its own running maximum, sum and
+// weighted values, merged at the end (as flash-decoding does).
+
+constexpr int64_t kKeysPerChunk = 256;
+
+template <typename Eights>
+float dot(const float* q, const Eights& row, int64_t offset, int64_t K) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), row.eight(offset + k), acc);
+  float sum = horizontal_sum(acc);
+  for (; k < K; ++k) sum += q[k] * row.at(offset + k);
+  return sum;
+}
+
+template <typename Eights>
+void add_scaled(float* acc, float p, const Eights& row, int64_t offset, int64_t K) {
+  const __m256 scale = _mm256_set1_ps(p);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)
+    _mm256_storeu_ps(acc + k, _mm256_fmadd_ps(scale, row.eight(offset + k), _mm256_loadu_ps(acc + k)));
+  for (; k < K; ++k) acc[k] += p * row.at(offset + k);
+}
+
+struct KeyPart {
+  const torch::Tensor& keys;  // (B, S, K)
+  const torch::Tensor& values;
+  const bool* visible;  // (B, Q, S)
+  int64_t S;
+};
+
+// One chunk of keys against every head of one query: its running maximum, sum
+// of exp(score - maximum) and exp-weighted values per head.
+struct Partial {
+  std::vector<float> maximum, sum, acc;  // (H), (H), (H, K)
+};
+
+template <typename Eights>
+void attend_chunk(const float* q, const Eights& keys, const Eights& values, const bool* visible, int64_t j0,
+                  int64_t j1, int64_t H, int64_t K, float scale, Partial& out) {
+  std::vector<float> scores((j1 - j0) * H);
+  for (int64_t h = 0; h < H; ++h) out.maximum[h] = -INFINITY;
+  for (int64_t j = j0; j < j1; ++j) {
+    if (!visible[j]) continue;
+    for (int64_t h = 0; h < H; ++h) {
+      const float s = scale * dot(q + h * K, keys, j * K, K);
+      scores[(j - j0) * H + h] = s;
+      out.maximum[h] = std::max(out.maximum[h], s);
+    }
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    if (!visible[j]) continue;
+    for (int64_t h = 0; h < H; ++h) {
+      const float p = std::exp(scores[(j - j0) * H + h] - out.maximum[h]);
+      out.sum[h] += p;
+      add_scaled(out.acc.data() + h * K, p, values, j * K, K);
+    }
+  }
+}
+
+template <typename Eights>
+Eights rows_of(const torch::Tensor& t, int64_t b) {
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(Eights::w)>>;
+  return Eights{t.data_ptr<T>() + b * t.size(1) * t.size(2)};
+}
+
+template <typename Eights>
+torch::Tensor attend_few_typed(const torch::Tensor& q, const std::vector<KeyPart>& parts, double scale) {
+  const int64_t B = q.size(0), Q = q.size(1), H = q.size(2), K = q.size(3);
+  auto out = torch::empty_like(q);
+  struct Chunk { int64_t part, j0, j1; };
+  std::vector<Chunk> chunks;
+  for (int64_t p = 0; p < static_cast<int64_t>(parts.size()); ++p)
+    for (int64_t j0 = 0; j0 < parts[p].S; j0 += kKeysPerChunk)
+      chunks.push_back({p, j0, std::min(parts[p].S, j0 + kKeysPerChunk)});
+  const int64_t C = chunks.size();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t iq = 0; iq < Q; ++iq) {
+      const float* qv = q.data_ptr<float>() + (b * Q + iq) * H * K;
+      std::vector<Partial> partials(C, Partial{std::vector<float>(H), std::vector<float>(H, 0.0f),
+                                               std::vector<float>(H * K, 0.0f)});
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const KeyPart& part = parts[chunks[c].part];
+          attend_chunk(qv, rows_of<Eights>(part.keys, b), rows_of<Eights>(part.values, b),
+                       part.visible + (b * Q + iq) * part.S, chunks[c].j0, chunks[c].j1, H, K,
+                       static_cast<float>(scale), partials[c]);
+        }
+      });
+      float* o = out.data_ptr<float>() + (b * Q + iq) * H * K;
+      for (int64_t h = 0; h < H; ++h) {
+        float maximum = -INFINITY, total = 0.0f;
+        for (const Partial& part : partials) maximum = std::max(maximum, part.maximum[h]);
+        std::fill(o + h * K, o + (h + 1) * K, 0.0f);
+        for (const Partial& part : partials) {
+          if (part.sum[h] == 0.0f) continue;  // no visible key in that chunk
+          const float weight = std::exp(part.maximum[h] - maximum);
+          total += weight * part.sum[h];
+          for (int64_t k = 0; k < K; ++k) o[h * K + k] += weight * part.acc[h * K + k];
+        }
+        for (int64_t k = 0; k < K; ++k) o[h * K + k] /= total;
+      }
+    }
+  return out;
+}
+
+torch::Tensor attend_few(const torch::Tensor& q, const std::vector<torch::Tensor>& keys,
+                         const std::vector<torch::Tensor>& values, const std::vector<torch::Tensor>& visible,
+                         double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
+              "q must be a contiguous float32 (B, Q, H, K) tensor");
+  TORCH_CHECK(!keys.empty() && keys.size() == values.size() && keys.size() == visible.size(),
+              "attend_few needs as many keys, values and visible masks");
+  const int64_t B = q.size(0), Q = q.size(1), K = q.size(3);
+  const auto dtype = keys[0].scalar_type();
+  std::vector<KeyPart> parts;
+  for (size_t p = 0; p < keys.size(); ++p) {
+    const int64_t S = keys[p].size(1);
+    for (const auto* t : {&keys[p], &values[p]})
+      TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->scalar_type() == dtype && t->size(0) == B &&
+                      t->size(1) == S && t->size(2) == K,
+                  "keys and values must be contiguous (B, S, K) tensors of one dtype");
+    TORCH_CHECK(visible[p].scalar_type() == torch::kBool && visible[p].is_contiguous() &&
+                    visible[p].sizes() == torch::IntArrayRef({B, Q, S}),
+                "visible must be a contiguous bool (B, Q, S) tensor");
+    parts.push_back({keys[p], values[p], visible[p].data_ptr<bool>(), S});
+  }
+  if (dtype == torch::kBFloat16) return attend_few_typed<BFloat16Eights>(q, parts, scale);
+  TORCH_CHECK(dtype == torch::kFloat32, "attend_few takes float32 or bfloat16 keys and values");
+  return attend_few_typed<Float32Eights>(q, parts, scale);
+}
+
 // Reads every byte of t once (a bandwidth probe for the roofline); returns a checksum.
 int64_t read_all(const torch::Tensor& t) {
   TORCH_CHECK(t.is_contiguous() && t.nbytes() % 32 == 0, "read_all needs a contiguous tensor of 32-byte multiples");
@@ -429,5 +568,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "x (M, K) float32 @ (q * scale + minimum), transposed -> (M, N)");
   m.def("block_diagonal_linear", &block_diagonal_linear,
         "x (M, H, I) float32, W (H, I, J) float32 or bfloat16 -> (M, H, J): y[m, h] = x[m, h] @ W[h]");
+  m.def("attend_few", &attend_few,
+        "q (B, Q, H, K) float32 against lists of keys, values (B, S, K) and visible (B, Q, S) -> (B, Q, H, K)");
   m.def("read_all", &read_all, "read every byte of a tensor once (bandwidth probe)");
 }
