@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any
@@ -17,6 +18,12 @@ BLOCK_TYPES = (RECURRENT, ATTENTION)
 def griffin_pattern(num_layers: int) -> tuple[str, ...]:
     """The (recurrent, recurrent, attention) temporal-mixing pattern of Griffin."""
     return tuple(itertools.islice(itertools.cycle((RECURRENT, RECURRENT, ATTENTION)), num_layers))
+
+
+@functools.cache
+def _bfloat16_sqrt(width: int) -> float:
+    # Once per width: it is read at every decode step.
+    return torch.tensor(math.sqrt(width), dtype=torch.bfloat16).item()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +74,7 @@ class Config:
         # The official code multiplies by sqrt(width) cast to bfloat16 (2b: 50.5, not 50.596).
         if not self.embeddings_scale_by_sqrt_dim:
             return 1.0
-        return torch.tensor(math.sqrt(self.width), dtype=torch.bfloat16).item()
+        return _bfloat16_sqrt(self.width)
 
     @property
     def final_init_variance_scale(self) -> float:
