@@ -56,8 +56,9 @@ class DecodeStep:
 
     On CUDA a batch size is captured the second time in a row it is seen (the
     first call runs eagerly and warms up), and the last MAX_GRAPHS sizes are
-    kept; RGEMMA_CUDA_GRAPHS=0 turns graphs off. The state passed in is updated in place unless a graph replays, in
-    which case the returned state holds the result.
+    kept; RGEMMA_CUDA_GRAPHS=0 turns graphs off. The state passed in is
+    updated in place unless a graph replays, in which case the returned
+    state holds the result.
     """
 
     MAX_GRAPHS = 4
