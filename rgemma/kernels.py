@@ -176,6 +176,14 @@ def block_diagonal_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return torch.einsum("...hi,hij->...hj", x, weight.to(x.dtype))
 
 
+def join_parts(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[(keys (B, S_i, K), values (B, S_i, K), visible (B, Q, S_i))] -> the same three, concatenated along S."""
+    keys, values, visible = zip(*parts)
+    return torch.cat(keys, dim=1), torch.cat(values, dim=1), torch.cat(visible, dim=2)
+
+
 def attend_few(
     q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], scale: float
 ) -> torch.Tensor:
@@ -197,7 +205,7 @@ def attend_few(
             scale,
         )
         return out.to(q.dtype)
-    keys, values, visible = (torch.cat(tensors, dim=-2 if i < 2 else -1) for i, tensors in enumerate(zip(*parts)))
+    keys, values, visible = join_parts(parts)
     scores = torch.einsum("bqhk,bsk->bhqs", q.float(), keys.float()) * scale
     scores.masked_fill_(~visible[:, None], float("-inf"))
     return torch.einsum("bhqs,bsk->bqhk", scores.softmax(dim=-1), values.float()).to(q.dtype)

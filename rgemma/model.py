@@ -34,8 +34,9 @@ from rgemma.state import AttentionState, RecurrentState, State
 ATTENTION_QUERY_BLOCK = 512
 # Long inputs to `prefill` are read in chunks of this many tokens, by device
 # type: enough rows for an efficient GEMM. On CPUs a 2b chunk's activations
-# stay near 0.6 GiB (2048-token chunks peaked at 1.8 GiB above the weights);
-# GPUs need longer chunks to keep their matrix units busy.
+# stay near 0.6 GiB (2048-token chunks peaked at 1.8 GiB above the weights).
+# On an H200 a 4096-token 2b bf16 prefill ran 14k tokens/s in 512-token chunks
+# and 46k in 2048-token ones, peaking 0.24 and 0.81 GiB above the weights.
 PREFILL_CHUNKS = {"cpu": 512, "cuda": 2048}
 # Gradient of sqrt is clipped at this value (bf16 training stability).
 MAX_SQRT_GRADIENT = 1000.0
@@ -367,7 +368,7 @@ class LocalAttention(nn.Module):
             parts.insert(0, (state.k.to(k.dtype), state.v.to(v.dtype), cached_visible | is_pad))
         if kernels.is_decode_sized(q[:, start:end], q.shape[-1] * q.shape[-2]):
             return kernels.attend_few(q[:, start:end], parts, self.head_dim**-0.5)
-        keys, values, visible = (torch.cat(tensors, dim=-2 if i < 2 else -1) for i, tensors in enumerate(zip(*parts)))
+        keys, values, visible = kernels.join_parts(parts)
         out = F.scaled_dot_product_attention(
             q[:, start:end].transpose(1, 2),  # (B, H, Q, K)
             keys[:, None],  # (B, 1, S, K)

@@ -27,7 +27,8 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # One thread: a tiny model gains nothing from more, and the tests share the machine.
     args = ["--preset", "tiny", "--dtype", "float32", "--prompt-lengths", "16,32", "--batch-sizes", "1,2",
-            "--decode-steps", "3", "--warmup", "1", "--threads", "1", "--json", out / "bench.json"]
+            "--decode-steps", "3", "--warmup", "1", "--prefill-repeats", "2", "--threads", "1",
+            "--json", out / "bench.json"]
     if HAS_MATPLOTLIB:
         args += ["--plot", out / "bench.png"]
     result = subprocess.run([sys.executable, "-m", "rgemma.cli", "bench", *map(str, args)],
@@ -56,6 +57,7 @@ def test_every_engine_is_measured(run):
                 assert positive(row[key]), (name, key, row)
             assert row["context"] == 16
         assert stdout.count(f"\n{name} ") >= 1
+    assert "prefill, batch 1, best of 2" in stdout and results["settings"]["prefill_repeats"] == 2
     decode = results["engines"]["rgemma"]["decode"]
     assert decode[1]["cache_bytes"] == 2 * decode[0]["cache_bytes"] == 2 * results["model"]["state_bytes_per_sequence"]
 
@@ -149,6 +151,7 @@ def test_context_growth(tmp_path, monkeypatch, one_thread):
     (["--preset", "tiny", "--context-growth", "256,-1"], "--context-growth: expected positive integers"),
     (["--preset", "tiny", "--engines", "rgemma,vllm"], "--engines: unknown vllm"),
     (["--preset", "tiny", "--decode-steps", "0"], "--decode-steps must be at least 1"),
+    (["--preset", "tiny", "--prefill-repeats", "0"], "--prefill-repeats must be at least 1"),
 ])
 def test_bad_arguments_are_one_line(capsys, args, message):
     assert main(["bench", *args]) == 1
