@@ -19,8 +19,8 @@
 // bandwidth leaves time for, so the quantized kernels keep the products in
 // integers, as llama.cpp does: each row of x is quantized to int8 in blocks of
 // 32 (int8) or 64 (int4) inputs (scale max|x| / 127, round to nearest even), maddubs sums pairs of
-// u8 x s8 products into s16 and madd pairs of those into s32; one float
-// multiply-add per block then applies the scales. tests/test_kernels.py holds
+// u8 x s8 products into s16 and madd pairs of those into s32; float
+// multiply-adds then apply the scales, 8 blocks at a time. tests/test_kernels.py holds
 // the same arithmetic in PyTorch and compares the two.
 //
 // Threads: torch's intra-op pool (at::parallel_for), over strips of output rows.
@@ -243,22 +243,62 @@ torch::Tensor block_diagonal_linear(const torch::Tensor& x, const torch::Tensor&
 }
 
 // Quantized weights ------------------------------------------------------------
+//
+// A tile takes 8 consecutive blocks of a row at a time. Each block's integer
+// dot product leaves 8 int32 partial sums; a tree of horizontal adds turns the
+// 8 blocks' partial sums into one vector of 8 block sums, so that one convert
+// and one multiply-add per 8 blocks apply the scales (x's per block, times the
+// weights' per block). On one Zen 3 core (int4, 2560 inputs, weights in L2),
+// two runs measured 1.7 ns per 64 inputs and 2.7 us per call, against 2.8-5.0
+// ns and 6.9-12.9 us for a multiply-add per block, a scalar loop over the
+// minima and x quantized in scalar code.
 
+constexpr int64_t kBlocksPerStep = 8;
+
+// Rows of x quantized to int8 in blocks of `block` inputs: x ~ q * scale.
 struct QuantizedX {
-  std::vector<int8_t> q;     // (M, K)
-  std::vector<float> scale;  // (M, K / block)
+  int64_t K, blocks, stride;  // blocks per row, and per row of `scale` and `sums` (padded to whole steps)
+  std::vector<int8_t> q;      // (M, K)
+  std::vector<float> scale;   // (M, stride), zero in the padding
+  std::vector<float> sums;    // (M, stride): the sum of x over each block, for the int4 minima
 };
 
+inline float horizontal_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Scale max|x| / 127 per block; q rounds to nearest even (the default rounding mode).
 QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int64_t block) {
-  QuantizedX out{std::vector<int8_t>(M * K), std::vector<float>(M * K / block)};
-  for (int64_t b = 0; b < M * K / block; ++b) {
-    const float* values = x + b * block;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::abs(values[i]));
-    const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-    out.scale[b] = amax / 127.0f;
-    for (int64_t i = 0; i < block; ++i) out.q[b * block + i] = static_cast<int8_t>(std::nearbyint(values[i] * inverse));
-  }
+  const int64_t blocks = K / block, stride = (blocks + kBlocksPerStep - 1) / kBlocksPerStep * kBlocksPerStep;
+  QuantizedX out{K, blocks, stride, std::vector<int8_t>(M * K), std::vector<float>(M * stride, 0.0f),
+                 std::vector<float>(M * stride, 0.0f)};
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleaving
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* values = x + m * K + b * block;
+      __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int64_t i = 0; i < block; i += 8) {
+        const __m256 v = _mm256_loadu_ps(values + i);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v, magnitude));
+        sum = _mm256_add_ps(sum, v);
+      }
+      const float top = horizontal_max(amax);
+      out.scale[m * stride + b] = top / 127.0f;
+      out.sums[m * stride + b] = horizontal_sum(sum);
+      const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+      for (int64_t i = 0; i < block; i += 32) {
+        __m256i q[4];
+        for (int j = 0; j < 4; ++j)
+          q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(values + i + 8 * j), inverse));
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + m * K + b * block + i),
+                            _mm256_permutevar8x32_epi32(bytes, order));
+      }
+    }
   return out;
 }
 
@@ -266,103 +306,117 @@ inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_c
 
 inline __m256i sum_pairs(__m256i s16) { return _mm256_madd_epi16(s16, _mm256_set1_epi16(1)); }
 
+// s[j] holds 8 int32 partial sums of block j -> the 8 block sums, in order.
+inline __m256i sum_each(const __m256i* s) {
+  const __m256i s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+  const __m256i s4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+  // s0123 holds blocks 0-3 summed over the low 128-bit lane, then over the high one.
+  return _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20),
+                          _mm256_permute2x128_si256(s0123, s4567, 0x31));
+}
+
+// The 8 int32 block sums of blocks b0 .. b0+7 of a row against x (zero past `count` blocks).
+template <typename Row>
+__m256i block_sums(const Row& row, int64_t b0, int64_t count, const int8_t* x) {
+  __m256i s[kBlocksPerStep];
+  for (int64_t j = 0; j < kBlocksPerStep; ++j)
+    s[j] = j < count ? row.dot(b0 + j, x + (b0 + j) * Row::kInputs) : _mm256_setzero_si256();
+  return sum_each(s);
+}
+
+// Eight float16 values per block, for blocks b0 .. b0+7 (zero past `count`), from
+// per-group values with `blocks_per_group` blocks in a group.
+inline __m256 per_block(const at::Half* values, int64_t b0, int64_t count, int64_t blocks_per_group) {
+  if (count == kBlocksPerStep && blocks_per_group == 1)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + b0)));
+  alignas(16) uint16_t halves[kBlocksPerStep] = {};
+  for (int64_t j = 0; j < count; ++j) halves[j] = values[(b0 + j) / blocks_per_group].x;
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(halves)));
+}
+
 // One row of int8 weights, w = q * scale: blocks of 32 inputs.
 struct Int8Row {
-  static constexpr int64_t kInputs = 32;
+  static constexpr int64_t kInputs = 32, kBytes = 32;  // per block
   const int8_t* q;
   float scale;
-  const char* bytes(int64_t k) const { return reinterpret_cast<const char*>(q + k); }
-  __m256i weights(int64_t k) const { return load_256(q + k); }
+  const char* bytes(int64_t b) const { return reinterpret_cast<const char*>(q + b * kInputs); }
   // 8 int32 sums of 32 products. maddubs multiplies unsigned by signed, so it
   // takes |q| and x carrying q's sign (q is never -128).
-  __m256i dot(__m256i w, const int8_t* x) const {
+  __m256i dot(int64_t b, const int8_t* x) const {
+    const __m256i w = load_256(q + b * kInputs);
     return sum_pairs(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(load_256(x), w)));
   }
-  float group_scale(int64_t) const { return 1.0f; }
-  float finish(float dot, const float*) const { return dot * scale; }
+  __m256 scales(int64_t, int64_t) const { return _mm256_set1_ps(1.0f); }
+  __m256 add_minima(__m256 acc, int64_t, int64_t, __m256) const { return acc; }
+  float finish(float dot) const { return dot * scale; }
 };
 
 // One row of int4 weights, w = q * scale + minimum: blocks of 64 inputs, 32 bytes.
 struct Int4Row {
-  static constexpr int64_t kInputs = 64;
-  struct Nibbles {
-    __m256i low, high;  // inputs k .. k+31, k+32 .. k+63, as u8 in 0..15
-  };
+  static constexpr int64_t kInputs = 64, kBytes = 32;
   const uint8_t* q;
   const at::Half* scale;
   const at::Half* minimum;
-  int64_t groups;
-  const char* bytes(int64_t k) const { return reinterpret_cast<const char*>(q + k / 2); }
-  Nibbles weights(int64_t k) const {
-    const __m256i bytes = load_256(q + k / 2), nibble = _mm256_set1_epi8(0x0F);
-    return {_mm256_and_si256(bytes, nibble), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble)};
-  }
+  int64_t blocks_per_group;
+  const char* bytes(int64_t b) const { return reinterpret_cast<const char*>(q + b * kBytes); }
   // 8 int32 sums of 64 products; each s16 pair sum is at most 2 * 15 * 127, so two add safely.
-  __m256i dot(const Nibbles& w, const int8_t* x) const {
-    return sum_pairs(_mm256_add_epi16(_mm256_maddubs_epi16(w.low, load_256(x)),
-                                      _mm256_maddubs_epi16(w.high, load_256(x + 32))));
+  __m256i dot(int64_t b, const int8_t* x) const {
+    const __m256i packed = load_256(q + b * kBytes), nibble = _mm256_set1_epi8(0x0F);
+    const __m256i low = _mm256_and_si256(packed, nibble);  // inputs 0..31 of the block, as u8 in 0..15
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);  // inputs 32..63
+    return sum_pairs(_mm256_add_epi16(_mm256_maddubs_epi16(low, load_256(x)),
+                                      _mm256_maddubs_epi16(high, load_256(x + 32))));
   }
-  float group_scale(int64_t g) const { return _cvtsh_ss(scale[g].x); }
-  // The minimum's share: sum over groups of minimum * (sum of x over the group).
-  float finish(float dot, const float* group_sums) const {
-    for (int64_t g = 0; g < groups; ++g) dot += _cvtsh_ss(minimum[g].x) * group_sums[g];
-    return dot;
+  __m256 scales(int64_t b0, int64_t count) const { return per_block(scale, b0, count, blocks_per_group); }
+  // The minima's share: minimum * (the sum of x over the block), for every block.
+  __m256 add_minima(__m256 acc, int64_t b0, int64_t count, __m256 x_sums) const {
+    return _mm256_fmadd_ps(per_block(minimum, b0, count, blocks_per_group), x_sums, acc);
   }
+  float finish(float dot) const { return dot; }
 };
 
-// y[m, r] for R weight rows and MB rows of x. x is quantized in blocks of
-// Row::kInputs; `group` inputs (a multiple of that) share a weight scale.
+// y[m, r] for R weight rows and MB rows of x (from row m0 of xq).
 template <int R, int MB, typename Row>
-void integer_tile(const Row* rows, const int8_t* xq, const float* xscale, const float* group_sums, int64_t groups,
-                  int64_t group, float* y, int64_t ldy, int64_t K, int64_t ahead) {
-  constexpr int64_t block = Row::kInputs;
+void integer_tile(const Row* rows, const QuantizedX& xq, int64_t m0, float* y, int64_t ldy, int64_t ahead) {
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t g = 0, k = 0; k < K; ++g) {
-    float ws[R];
-    for (int r = 0; r < R; ++r) ws[r] = rows[r].group_scale(g);
-    for (const int64_t group_end = k + group; k < group_end; k += block) {
-      float dx[MB];
-      for (int m = 0; m < MB; ++m) dx[m] = xscale[(m * K + k) / block];
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(rows[r].bytes(k) + ahead, _MM_HINT_T1);
-        const auto w = rows[r].weights(k);
-        for (int m = 0; m < MB; ++m)
-          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows[r].dot(w, xq + m * K + k)),
-                                      _mm256_set1_ps(dx[m] * ws[r]), acc[r][m]);
+  for (int64_t b0 = 0; b0 < xq.blocks; b0 += kBlocksPerStep) {
+    const int64_t count = std::min(kBlocksPerStep, xq.blocks - b0);
+    for (int r = 0; r < R; ++r) {
+      for (int64_t line = 0; line < kBlocksPerStep * Row::kBytes; line += 64)
+        _mm_prefetch(rows[r].bytes(b0) + line + ahead, _MM_HINT_T1);
+      const __m256 weight_scales = rows[r].scales(b0, count);
+      for (int m = 0; m < MB; ++m) {
+        const int64_t row = (m0 + m) * xq.stride + b0;
+        const __m256i sums = block_sums(rows[r], b0, count, xq.q.data() + (m0 + m) * xq.K);
+        const __m256 scales = _mm256_mul_ps(weight_scales, _mm256_loadu_ps(xq.scale.data() + row));
+        acc[r][m] = rows[r].add_minima(_mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc[r][m]), b0, count,
+                                       _mm256_loadu_ps(xq.sums.data() + row));
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) y[m * ldy + r] = rows[r].finish(horizontal_sum(acc[r][m]), group_sums + m * groups);
+    for (int m = 0; m < MB; ++m) y[m * ldy + r] = rows[r].finish(horizontal_sum(acc[r][m]));
 }
 
 struct IntegerTiles {
-  const int8_t* xq;          // (M, K)
-  const float* xscale;       // (M, K / block)
-  const float* group_sums;   // (M, groups)
-  int64_t groups, group, block;
+  const QuantizedX& xq;
   float* y;
-  int64_t N, K;
+  int64_t N;
   template <int R, int MB, typename Row>
   void run(const Row* rows, int64_t m, int64_t n, int64_t ahead) const {
-    integer_tile<R, MB>(rows, xq + m * K, xscale + m * K / block, group_sums + m * groups, groups, group,
-                        y + m * N + n, N, K, ahead);
+    integer_tile<R, MB>(rows, xq, m, y + m * N + n, N, ahead);
   }
 };
 
-// group_sums (M, groups): sums of x over each group of inputs, for the int4
-// minimum; int8 has one group of K inputs.
 template <typename Row, typename MakeRow>
-torch::Tensor integer_matvec(const torch::Tensor& x, int64_t N, const float* group_sums, int64_t groups,
-                             int64_t group, MakeRow make_row) {
+torch::Tensor integer_matvec(const torch::Tensor& x, int64_t N, MakeRow make_row) {
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % Row::kInputs == 0, "this kernel needs K divisible by ", Row::kInputs, ", got ", K);
   const QuantizedX xq = quantize_x(x.data_ptr<float>(), M, K, Row::kInputs);
   auto y = torch::empty({M, N}, x.options());
-  for_each_tile<Row>(M, N, make_row, IntegerTiles{xq.q.data(), xq.scale.data(), group_sums, groups, group,
-                                                   Row::kInputs, y.data_ptr<float>(), N, K});
+  for_each_tile<Row>(M, N, make_row, IntegerTiles{xq, y.data_ptr<float>(), N});
   return y;
 }
 
@@ -375,13 +429,13 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
   const int8_t* p = q.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   const int64_t K = q.size(1);
-  return integer_matvec<Int8Row>(x, q.size(0), nullptr, 0, K, [=](int64_t n) { return Int8Row{p + n * K, s[n]}; });
+  return integer_matvec<Int8Row>(x, q.size(0), [=](int64_t n) { return Int8Row{p + n * K, s[n]}; });
 }
 
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                           const torch::Tensor& minimum, int64_t group) {
   check_x(x);
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t K = x.size(1);
   TORCH_CHECK(group % Int4Row::kInputs == 0 && K % group == 0, "int4 needs a group size that is a multiple of 64 and divides K");
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8 && q.size(1) * 2 == K,
               "int4 weight must be a contiguous uint8 (N, K / 2) tensor");
@@ -390,12 +444,12 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& q, const 
     TORCH_CHECK(t->scalar_type() == torch::kFloat16 && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
                     t->size(1) == groups,
                 "int4 scale and minimum must be contiguous float16 (N, K / group) tensors");
-  const torch::Tensor group_sums = x.view({M, groups, group}).sum(2).contiguous();  // (M, groups)
   const uint8_t* p = q.data_ptr<uint8_t>();
   const at::Half* s = scale.data_ptr<at::Half>();
   const at::Half* mn = minimum.data_ptr<at::Half>();
-  return integer_matvec<Int4Row>(x, N, group_sums.data_ptr<float>(), groups, group, [=](int64_t n) {
-    return Int4Row{p + n * (K / 2), s + n * groups, mn + n * groups, groups};
+  const int64_t blocks_per_group = group / Int4Row::kInputs;
+  return integer_matvec<Int4Row>(x, N, [=](int64_t n) {
+    return Int4Row{p + n * (K / 2), s + n * groups, mn + n * groups, blocks_per_group};
   });
 }
 
