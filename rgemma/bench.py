@@ -15,6 +15,9 @@ decode step (every weight and each row's state are read once per step), and
 GEMM throughput bounds prefill (2 FLOPs per weight that multiplies a token,
 per token). Each measurement is reported as a fraction of its bound.
 
+`--engines rgemma,rgemma-int8,rgemma-int4` adds rgemma with the same weights
+quantized at load, and reports each one's decode speed over the float weights.
+
 `--context-growth` decodes at growing context lengths against a transformer
 of the same size (transformers' Gemma; Gemma-2B for RecurrentGemma-2B), whose
 KV cache grows with the context while Griffin's state stays fixed.
@@ -43,6 +46,9 @@ import torch
 from rgemma.state import AttentionState, RecurrentState
 
 ENGINE_NAMES = ("rgemma", "transformers", "official")
+# rgemma on the same weights quantized at load (`rgemma.quantize`), by bits:
+# measured on request, against rgemma's float weights.
+QUANTIZED_ENGINES = {"rgemma-int8": 8, "rgemma-int4": 4}
 CONTEXT_ENGINES = ("rgemma", "gemma")
 DEFAULT_CONTEXT_LENGTHS = "256,1024,4096,8192,16384,32768"
 # The transformer RecurrentGemma-2B is measured against (Gemma-2B's published config).
@@ -163,10 +169,10 @@ def tensor_bytes(value) -> int:
     return 0
 
 
-def _load_rgemma(path, dtype, device):
+def _load_rgemma(path, dtype, device, quantize: int | None = None):
     from rgemma.checkpoint import load_model
 
-    return load_model(path, dtype=dtype, device=device).eval()
+    return load_model(path, dtype=dtype, device=device, quantize=quantize).eval()
 
 
 def _prefill_rgemma(model, tokens):
@@ -348,6 +354,9 @@ class Engine:
 ENGINES = {
     "rgemma": Engine("rgemma", _load_rgemma, _prefill_rgemma, _step_rgemma,
                      lambda model, state: state.nbytes, _random_rgemma_state),
+    **{name: Engine("rgemma", functools.partial(_load_rgemma, quantize=bits), _prefill_rgemma, _step_rgemma,
+                    lambda model, state: state.nbytes)
+       for name, bits in QUANTIZED_ENGINES.items()},
     "transformers": Engine("transformers", _load_transformers, _prefill_hf, _step_hf, _hf_cache_bytes),
     # Only in --context-growth: the transformer baseline, random weights.
     "gemma": Engine("transformers", _load_gemma, lambda model, tokens: _prefill_hf(model, tokens, chunk=2048),
@@ -393,12 +402,19 @@ def _step_stats(seconds: list[float], batch: int) -> dict:
             "latency_ms": 1000 * median, "tokens_per_s": batch / median}
 
 
+def _quantized_bytes(model) -> int:
+    """Bytes of rgemma's quantized weights, which are buffers, not parameters."""
+    from rgemma.quantize import quantized_modules
+
+    return sum(getattr(m, part).nbytes for m in quantized_modules(model).values() for part in m.FORMAT)
+
+
 def _loaded(engine: Engine, job: dict):
     device, dtype = torch.device(job["device"]), getattr(torch, job["dtype"])
     _reset_peak(device)
     start = time.perf_counter()
     model = engine.load(job["source"], dtype, device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + _quantized_bytes(model)
     _emit("load", seconds=time.perf_counter() - start, weight_bytes=weights, **_peaks(device))
     return model, device
 
@@ -541,9 +557,10 @@ def settings_from_args(args) -> Settings:
     if args.model is not None:
         resolve_model(args.model)  # a missing model fails now, not after the first measurements
     engines = tuple(e.strip() for e in args.engines.split(","))
-    unknown = [e for e in engines if e not in ENGINE_NAMES]
+    unknown = [e for e in engines if e not in (*ENGINE_NAMES, *QUANTIZED_ENGINES)]
     if unknown or not engines:
-        raise ValueError(f"--engines: unknown {', '.join(unknown)!s}; valid: {','.join(ENGINE_NAMES)}")
+        raise ValueError(f"--engines: unknown {', '.join(unknown)!s}; "
+                         f"valid: {','.join((*ENGINE_NAMES, *QUANTIZED_ENGINES))}")
     for option, value in (("--decode-steps", args.decode_steps), ("--prefill-repeats", args.prefill_repeats),
                           ("--threads", args.threads)):
         if value is not None and value < 1:
@@ -643,7 +660,8 @@ def _roofline_fractions(results: dict) -> None:
             row["roofline_seconds"] = 2 * model["flop_parameters"] * row["prompt_length"] / roof["matmul"]["flops_per_s"]
             row["roofline_fraction"] = row["roofline_seconds"] / row["seconds"]
         for row in engine.get("decode", []):
-            read = model["weight_bytes"] + row["batch_size"] * model["state_bytes_per_sequence"]
+            # Each engine's own weights: quantized ones read fewer bytes.
+            read = engine["load"]["weight_bytes"] + row["batch_size"] * model["state_bytes_per_sequence"]
             row["roofline_seconds"] = read / roof["bandwidth"]["bytes_per_s"]
             row["roofline_fraction"] = row["roofline_seconds"] / row["step_seconds_median"]
 
@@ -750,18 +768,30 @@ def _run(settings: Settings) -> dict:
 
 
 def agreement(engines: dict) -> dict:
-    """Whether the engines' greedy tokens are the same, and how their first top logits compare with the first engine's."""
+    """Whether the float engines' greedy tokens are the same, and how every engine's first top logits
+    compare with the first float engine's (quantized weights are expected to move them a little)."""
     checks = {name: e["check"] for name, e in engines.items() if "check" in e}
-    if len(checks) < 2:
+    exact = {name: check for name, check in checks.items() if name not in QUANTIZED_ENGINES}
+    if len(checks) < 2 or not exact:
         return {"greedy_tokens_agree": None, "top": {}}
-    (first, reference), *others = checks.items()
+    first, reference = next(iter(exact.items()))
+    others = [(name, check) for name, check in checks.items() if name != first]
     logits = dict(zip(reference["top_tokens"], reference["top_logits"]))
     top = {}
     for name, check in others:
         shared = [(t, v) for t, v in zip(check["top_tokens"], check["top_logits"]) if t in logits]
         top[name] = {"against": first, "shared": len(shared), "of": len(logits),
                      "max_logit_difference": max((abs(v - logits[t]) for t, v in shared), default=None)}
-    return {"greedy_tokens_agree": len({tuple(c["tokens"]) for c in checks.values()}) == 1, "top": top}
+    agree = len({tuple(c["tokens"]) for c in exact.values()}) == 1 if len(exact) > 1 else None
+    return {"greedy_tokens_agree": agree, "top": top}
+
+
+def quantized_speedups(engines: dict) -> dict[str, dict[int, float]]:
+    """Decode tokens/s of each quantized engine over rgemma's float weights, by batch size."""
+    float_rates = {r["batch_size"]: r["tokens_per_s"] for r in engines.get("rgemma", {}).get("decode", [])}
+    return {name: {r["batch_size"]: r["tokens_per_s"] / float_rates[r["batch_size"]]
+                   for r in engines[name].get("decode", []) if r["batch_size"] in float_rates}
+            for name in QUANTIZED_ENGINES if name in engines and float_rates}
 
 
 # Report ------------------------------------------------------------------------------
@@ -832,9 +862,13 @@ def report(results: dict) -> str:
         ["batch", "engine", "tokens/s", "ms/token", memory_name, "cache MiB", "% roofline"], engines, "decode",
         "batch_size", lambda r: [f"{r['tokens_per_s']:.2f}", f"{r['latency_ms']:.1f}", _gib(r[memory]),
                                  _mib(r["cache_bytes"]), f"{100 * r['roofline_fraction']:.0f}"])
+    for name, ratios in quantized_speedups(engines).items():
+        out.append(f"{name} decode over rgemma's {model['dtype']} weights: "
+                   + ", ".join(f"{ratio:.2f}x at batch {batch}" for batch, ratio in ratios.items()))
     same = results["agreement"]
-    agree = {True: "agree", False: "DIFFER", None: "(fewer than two engines)"}[same["greedy_tokens_agree"]]
-    checks = "; ".join(f"{name} {e['check']['tokens']}" for name, e in engines.items() if "check" in e)
+    agree = {True: "agree", False: "DIFFER", None: "(fewer than two float engines)"}[same["greedy_tokens_agree"]]
+    checks = "; ".join(f"{name} {e['check']['tokens']}" for name, e in engines.items()
+                       if "check" in e and name not in QUANTIZED_ENGINES)
     out += ["", f"greedy tokens on the same weights {agree}: {checks}"]
     out += [f"first prediction's top {CHECK_TOP} tokens, {name} against {t['against']}: {t['shared']} of {t['of']} shared"
             + ("" if t["max_logit_difference"] is None else f", logits within {t['max_logit_difference']:.2g}")
@@ -904,7 +938,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--engines", default=",".join(ENGINE_NAMES), help="comma-separated (default: all three)")
+    parser.add_argument("--engines", default=",".join(ENGINE_NAMES),
+                        help=f"comma-separated (default: {','.join(ENGINE_NAMES)}); "
+                             f"{' and '.join(QUANTIZED_ENGINES)} are rgemma on the same weights quantized at load")
     parser.add_argument("--prompt-lengths", default="256,1024,4096", help="prefill lengths; decode follows the shortest")
     parser.add_argument("--batch-sizes", default="1,4", help="decode batch sizes")
     parser.add_argument("--decode-steps", type=int, default=16, help="timed greedy steps per measurement")

@@ -1,4 +1,4 @@
-"""`rgemma bench`: three engines on the same weights, every number reported, one-line errors."""
+"""`rgemma bench`: three engines (and rgemma quantized) on the same weights, every number reported, one-line errors."""
 
 import importlib.util
 import json
@@ -14,6 +14,7 @@ from rgemma import bench
 from rgemma.cli import main
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+ENGINES = ["rgemma", "rgemma-int8", "rgemma-int4", "transformers", "official"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -26,7 +27,8 @@ def run(tmp_path_factory):
     """One end-to-end run through the CLI, in a real process: (stdout, JSON, output directory)."""
     out = tmp_path_factory.mktemp("bench")
     # One thread: a tiny model gains nothing from more, and the tests share the machine.
-    args = ["--preset", "tiny", "--dtype", "float32", "--prompt-lengths", "16,32", "--batch-sizes", "1,2",
+    args = ["--preset", "tiny", "--dtype", "float32", "--engines", ",".join(ENGINES),
+            "--prompt-lengths", "16,32", "--batch-sizes", "1,2",
             "--decode-steps", "3", "--warmup", "1", "--prefill-repeats", "2", "--threads", "1",
             "--json", out / "bench.json"]
     if HAS_MATPLOTLIB:
@@ -39,12 +41,15 @@ def run(tmp_path_factory):
 
 def test_every_engine_is_measured(run):
     stdout, results, _ = run
-    assert list(results["engines"]) == ["rgemma", "transformers", "official"]
+    assert list(results["engines"]) == ENGINES
     assert results["machine"]["threads"] == 1 and "context_growth" not in results
     for name, engine in results["engines"].items():
         assert engine["status"] == "ok", name
         assert positive(engine["load"]["seconds"]) and positive(engine["load"]["peak_rss_bytes"])
-        assert engine["load"]["weight_bytes"] == results["model"]["weight_bytes"]
+        if name in bench.QUANTIZED_ENGINES:  # the quantized format's bytes, which the decode roofline reads
+            assert 0 < engine["load"]["weight_bytes"] < results["model"]["weight_bytes"]
+        else:
+            assert engine["load"]["weight_bytes"] == results["model"]["weight_bytes"]
         assert [row["prompt_length"] for row in engine["prefill"]] == [16, 32]
         assert [row["batch_size"] for row in engine["decode"]] == [1, 2]
         for row in engine["prefill"]:
@@ -62,6 +67,23 @@ def test_every_engine_is_measured(run):
     assert decode[1]["cache_bytes"] == 2 * decode[0]["cache_bytes"] == 2 * results["model"]["state_bytes_per_sequence"]
 
 
+def test_quantized_engines_are_compared_with_float_rgemma(run):
+    stdout, results, _ = run
+    engines = results["engines"]
+    ratios = bench.quantized_speedups(engines)
+    assert list(ratios) == ["rgemma-int8", "rgemma-int4"]
+    for name, by_batch in ratios.items():
+        assert list(by_batch) == [1, 2]
+        for batch, ratio in by_batch.items():
+            rates = [next(r["tokens_per_s"] for r in engines[e]["decode"] if r["batch_size"] == batch)
+                     for e in (name, "rgemma")]
+            assert ratio == pytest.approx(rates[0] / rates[1])
+        assert f"{name} decode over rgemma's float32 weights: {by_batch[1]:.2f}x at batch 1" in stdout
+        # Quantization moves the logits a little: the first prediction's top tokens mostly survive it.
+        top = results["agreement"]["top"][name]
+        assert top["against"] == "rgemma" and top["shared"] >= bench.CHECK_TOP - 2
+
+
 def test_roofline_is_measured_in_the_same_run(run):
     _, results, _ = run
     bandwidth, matmul = results["roofline"]["bandwidth"], results["roofline"]["matmul"]
@@ -77,7 +99,8 @@ def test_roofline_is_measured_in_the_same_run(run):
 
 def test_engines_produce_the_same_greedy_tokens(run):
     stdout, results, _ = run
-    tokens = [engine["check"]["tokens"] for engine in results["engines"].values()]
+    tokens = [engine["check"]["tokens"] for name, engine in results["engines"].items()
+              if name not in bench.QUANTIZED_ENGINES]
     assert len(tokens[0]) == bench.CHECK_TOKENS
     assert tokens[1:] == tokens[:1] * 2
     assert len(set(tokens[0])) > 1  # the layers, not the prompt's last token, decide
