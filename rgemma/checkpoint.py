@@ -612,7 +612,11 @@ def load_model(
             tensor = fix(stored.read())
             module = name.removesuffix(".weight")
             if module not in to_quantize:
-                state[name] = tensor.to(device=device, dtype=formats.get(name, dtype))
+                tensor = tensor.to(device=device, dtype=formats.get(name, dtype))
+                # Quantizing at load reads every weight of the file once: a view of
+                # it kept here would keep all those pages resident beside the
+                # quantized copy. What stays float is small (norms, conv, RG-LRU).
+                state[name] = tensor.clone() if to_quantize else tensor
                 continue
             try:
                 parts = quantize_weight(tensor.to(dtype), quantize, group_size)

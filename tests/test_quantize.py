@@ -5,11 +5,13 @@ Every parameter of the models is random (norms and biases included), so
 equal logits mean every tensor landed in the right place.
 """
 
+import gc
 import json
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,6 +287,27 @@ def test_sharded_round_trip_and_kept_dtype(float_dirs, tmp_path):
     assert loaded.dtype == torch.bfloat16
     seq = tokens(length=18)
     assert torch.equal(logits(loaded, seq), logits(model, seq))
+
+
+def mapped_files() -> set[str]:
+    """Paths of the files mapped into this process (Linux)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+
+
+@pytest.mark.parametrize("quantize", [None, 8])
+def test_quantizing_at_load_keeps_no_view_of_the_float_file(float_dirs, quantize):
+    """Quantizing reads every float weight: a view kept of the file would keep all its pages resident."""
+    files = {str(f) for f in float_dirs["tiny"].glob("*.safetensors")}
+    model = load_model(float_dirs["tiny"], quantize=quantize)
+    gc.collect()
+    still_mapped = files & mapped_files()
+    if quantize is None:  # float weights stay views of the file (no copy at load)
+        assert still_mapped == files
+    else:
+        assert not still_mapped
+    del model
+    gc.collect()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
