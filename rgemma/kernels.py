@@ -166,6 +166,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * (1 + weight), computed in float32 (the weight is stored zero-centred), in x's dtype."""
+    if _inference(weight) and uses_kernel(x):
+        return native().rms_norm(rows_float32(x), weight, eps).to(x.dtype).view(x.shape)
+    scale = 1.0 + parameter_as(weight, torch.float32)
+    return F.rms_norm(x.float(), x.shape[-1:], scale, eps).to(x.dtype)
+
+
+def fuses_step(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether one decoding step of these activations and weights goes to a fused native kernel."""
+    return uses_kernel(x) and all(_inference(w) for w in weights)
+
+
 def block_diagonal_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., H, I), weight (H, I, J) -> (..., H, J): each head's block of x times its own matrix."""
     heads, width = weight.shape[0], weight.shape[0] * weight.shape[1]

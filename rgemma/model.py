@@ -17,6 +17,7 @@ The state passed to a forward call is updated in place and returned; use
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -105,8 +106,7 @@ class RMSNorm(nn.Module):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = 1.0 + kernels.parameter_as(self.weight, torch.float32)
-        return F.rms_norm(x.float(), x.shape[-1:], scale, self.eps).to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -174,6 +174,13 @@ class Conv1D(nn.Module):
         """x (B, T, L), taps (B, C, L) -> output (B, T, L), new taps (B, C, L)."""
         num_taps = self.conv_width - 1
         length = x.shape[1]
+        if length == 1 and not layout.max_pad and taps.dtype == torch.float32 and kernels.fuses_step(x, self.weight):
+            taps = taps.contiguous()  # one decoding step, in one native call, which shifts the taps in place
+            out = kernels.native().conv_step(
+                kernels.rows_float32(x), taps, kernels.parameter_as(self.weight, torch.float32)[:, 0],
+                kernels.parameter_as(self.bias, torch.float32), layout.positions[:, 0].contiguous(),
+            )  # (B, L) float32
+            return out[:, None].to(x.dtype), taps
         history = torch.cat([taps.to(x.dtype), x], dim=1)  # (B, C + T, L)
         if layout.max_pad:
             # Drop each row's left padding so that its first real token reads the taps.
@@ -247,6 +254,16 @@ class RGLRU(nn.Module):
         self, x: torch.Tensor, layout: TokenLayout, h0: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, L), h0 (B, L) float32 -> y (B, T, L), last state (B, L) float32."""
+        if x.shape[1] == 1 and h0 is not None and not layout.max_pad and kernels.fuses_step(
+            x, self.input_gate_weight, self.recurrent_gate_weight
+        ):  # one decoding step, in one native call
+            as_float = functools.partial(kernels.parameter_as, dtype=torch.float32)
+            h = kernels.native().rglru_step(
+                kernels.rows_float32(x), self.input_gate_weight, as_float(self.input_gate_bias),
+                self.recurrent_gate_weight, as_float(self.recurrent_gate_bias), as_float(self.recurrent_param),
+                h0.contiguous(), layout.positions[:, 0].contiguous(),
+            )  # (B, L) float32
+            return h[:, None].to(x.dtype), h
         input_gate = self._gate(x, self.input_gate_weight, self.input_gate_bias)
         recurrence_gate = self._gate(x, self.recurrent_gate_weight, self.recurrent_gate_bias)
         log_a = -8.0 * recurrence_gate * F.softplus(kernels.parameter_as(self.recurrent_param, torch.float32))

@@ -173,3 +173,68 @@ def test_linear_widens_narrow_weights_a_slice_at_a_time(monkeypatch):
     torch.testing.assert_close(kernels.linear(x, w, bias), expected, rtol=1e-5, atol=1e-5)
     decode = x[:, :1]  # 2 rows: the native kernel
     torch.testing.assert_close(kernels.linear(decode, w, bias), expected[:, :1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [37, 2560])  # a tail of 5; the 2b width
+def test_rms_norm_kernel_equals_the_formula(dtype, width, monkeypatch):
+    generator = torch.Generator().manual_seed(width)
+    weight = (0.1 * torch.randn(width, generator=generator)).to(dtype)  # stored zero-centred
+    for rows in (1, 3, 16):
+        x = 3.0 * torch.randn(2, rows, 1, width, generator=generator)[0]
+        expected = F.rms_norm(x.double(), (width,), 1.0 + weight.double(), 1e-6)
+        close(kernels.native().rms_norm(x.reshape(-1, width), weight, 1e-6).view(x.shape), expected)
+        close(kernels.rms_norm(x, weight, 1e-6), expected)  # the model's entry point: the kernel
+        with monkeypatch.context() as patch:  # ... and its PyTorch path, where there is none
+            patch.setattr(kernels, "native", lambda: None)
+            close(kernels.rms_norm(x, weight, 1e-6), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rglru_step_kernel_equals_the_plain_recurrence(dtype, monkeypatch):
+    """One decoding step of the RG-LRU, fused, against the module's torch operations; row 1 starts a document."""
+    from rgemma.model import RGLRU, TokenLayout
+
+    torch.manual_seed(0)
+    rglru = RGLRU(width=40, num_heads=4).to(dtype)
+    rglru.reset_parameters()
+    with torch.no_grad():  # non-zero biases, and a gate parameter past softplus' threshold
+        rglru.input_gate_bias.normal_()
+        rglru.recurrent_gate_bias.normal_()
+        rglru.recurrent_param[0] = 25.0
+    x = torch.randn(3, 1, 40)
+    h0 = torch.randn(3, 40)
+    layout = TokenLayout.of_step(torch.tensor([[7], [0], [2]]))
+    with torch.no_grad():
+        assert kernels.fuses_step(x, rglru.input_gate_weight, rglru.recurrent_gate_weight)
+        y, h = rglru(x, layout, h0)
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "native", lambda: None)
+            expected_y, expected_h = rglru(x, layout, h0)
+    close(h, expected_h)
+    close(y, expected_y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_step_kernel_equals_the_plain_convolution(dtype, monkeypatch):
+    """One decoding step of the convolution, fused, against the module's torch operations.
+
+    Rows at positions 0, 1, 2 see none, one and two of the 3 taps; the row at 9 sees all."""
+    from rgemma.model import Conv1D, TokenLayout
+
+    torch.manual_seed(0)
+    conv = Conv1D(width=20, conv_width=4).to(dtype)
+    conv.reset_parameters()
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(4, 1, 20)
+    taps = torch.randn(4, 3, 20)
+    layout = TokenLayout.of_step(torch.tensor([[0], [1], [2], [9]]))
+    with torch.no_grad():
+        assert kernels.fuses_step(x, conv.weight)
+        out, new_taps = conv(x, layout, taps.clone())
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "native", lambda: None)
+            expected_out, expected_taps = conv(x, layout, taps.clone())
+    close(out, expected_out)
+    assert torch.equal(new_taps, expected_taps)
