@@ -310,12 +310,19 @@ class RecurrentBlock(nn.Module):
         return self.linear_out(u * y)
 
 
+@functools.cache
+def rope_frequencies(head_dim: int, base: float, device: torch.device) -> torch.Tensor:
+    """(K/4,) float32: how fast RoPE turns each pair (i, i + K/4) of the first half of a head."""
+    rope_dim = head_dim // 2
+    exponents = torch.arange(rope_dim // 2, device=device, dtype=torch.float32) * 2.0 / rope_dim
+    return 1.0 / base**exponents
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """Rotary embedding on the first half of the head dim only. x (B, T, N, K), positions (B, T)."""
     rope_dim = x.shape[-1] // 2
     half = rope_dim // 2
-    exponents = torch.arange(half, device=x.device, dtype=torch.float32) * 2.0 / rope_dim
-    inv_freq = 1.0 / base**exponents  # (K/4,)
+    inv_freq = rope_frequencies(x.shape[-1], base, x.device)  # (K/4,)
     angles = positions.clamp(min=0).float()[..., None, None] * inv_freq  # (B, T, 1, K/4)
     sin, cos = torch.sin(angles), torch.cos(angles)
     x32 = x.float()
@@ -345,6 +352,18 @@ class LocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, state: AttentionState) -> torch.Tensor:
         batch, length, width = x.shape
+        ring_in_place = state.k.dtype in (torch.float32, torch.bfloat16) and all(
+            t.is_contiguous() for t in (state.k, state.v, state.pos)
+        )
+        if length == 1 and not layout.max_pad and ring_in_place and kernels.fuses_step(x):
+            # One decoding step, in one native call, which also writes the ring buffer.
+            out = kernels.native().attention_step(
+                kernels.rows_float32(self.q_proj(x)).view(batch, self.num_heads, self.head_dim),
+                kernels.rows_float32(self.k_proj(x)), kernels.rows_float32(self.v_proj(x)),
+                state.k, state.v, state.pos, layout.positions[:, 0].contiguous(),
+                rope_frequencies(self.head_dim, self.rope_base, x.device), self.head_dim**-0.5,
+            )  # (B, H, K) float32
+            return self.o_proj(out.to(x.dtype).view(batch, length, width))
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, 1, self.head_dim)
         v = self.v_proj(x)  # (B, T, K)

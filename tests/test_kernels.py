@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rgemma
 from rgemma import kernels
 from rgemma.quantize import pack_int4
 
@@ -238,3 +239,42 @@ def test_conv_step_kernel_equals_the_plain_convolution(dtype, monkeypatch):
             expected_out, expected_taps = conv(x, layout, taps.clone())
     close(out, expected_out)
     assert torch.equal(new_taps, expected_taps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_step_kernel_equals_the_plain_attention(dtype, monkeypatch):
+    """One decoding step of local attention, fused, against the module's torch operations.
+
+    Row 0 is past the window (the slot it overwrites is still visible), row 1
+    starts a document (it sees only itself, and forgets the ring), row 2 has
+    a ring only partly filled, row 3 is far along (RoPE at large angles)."""
+    from rgemma.model import LocalAttention, TokenLayout
+    from rgemma.state import AttentionState
+
+    torch.manual_seed(0)
+    config = rgemma.Config(vocab_size=64, width=48, mlp_width=32, num_heads=3, lru_width=48,
+                           block_types=("attention",), attention_window=8)
+    attention = LocalAttention(config).to(dtype)
+    attention.reset_parameters(1.0)
+    positions = torch.tensor([[11], [0], [3], [30001]])
+    window, head_dim = config.attention_window, config.head_dim
+    ring = torch.full((4, window), -1)  # each row's last W positions before its token, in their slots
+    for row, position in enumerate(positions[:, 0].tolist()):
+        for earlier in range(max(0, position - window), position):
+            ring[row, earlier % window] = earlier
+    state = AttentionState(k=torch.randn(4, window, head_dim), v=torch.randn(4, window, head_dim), pos=ring)
+    x = torch.randn(4, 1, config.width)
+    layout = TokenLayout.of_step(positions)
+    with torch.no_grad():
+        assert kernels.fuses_step(x)
+        fused = AttentionState(*(t.clone() for t in (state.k, state.v, state.pos)))
+        out = attention(x, layout, fused)
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "native", lambda: None)
+            plain = AttentionState(*(t.clone() for t in (state.k, state.v, state.pos)))
+            expected = attention(x, layout, plain)
+    close(out, expected)
+    close(fused.k, plain.k)
+    close(fused.v, plain.v)
+    assert torch.equal(fused.pos, plain.pos)
+    assert (fused.pos[1] == torch.tensor([0] + [-1] * (window - 1))).all()

@@ -579,6 +579,74 @@ torch::Tensor attend_few(const torch::Tensor& q, const std::vector<torch::Tensor
   return attend_few_typed<Float32Eights>(q, parts, scale);
 }
 
+// One attention step for each row (decoding), with the state's ring buffer:
+// q (M, H, K), k and v (M, K) float32 of the new token at `positions` (M);
+// ring keys and values (M, W, K), float32 or bfloat16, slot = position % W,
+// and their positions (M, W), -1 where empty. RoPE turns pairs (i, i + K/4)
+// of the first half of each head by position x inverse_frequency[i] (K/4
+// float32); the query then attends to the ring keys of its
+// own document within the window and to the new key; then the new key and
+// value take their slot, and a row at position 0 first forgets the ring.
+torch::Tensor attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             torch::Tensor& ring_k, torch::Tensor& ring_v, torch::Tensor& ring_pos,
+                             const torch::Tensor& positions, const torch::Tensor& inverse_frequency,
+                             double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
+              "attention_step: q must be a contiguous float32 (M, H, K) tensor");
+  const int64_t M = q.size(0), H = q.size(1), K = q.size(2), W = ring_k.size(1);
+  for (const torch::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->sizes() == torch::IntArrayRef({M, K}),
+                "attention_step: k and v must be contiguous float32 (M, K) tensors");
+  for (const torch::Tensor* t : {&ring_k, &ring_v})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == ring_k.scalar_type() &&
+                    t->sizes() == torch::IntArrayRef({M, W, K}),
+                "attention_step: the ring's keys and values must be contiguous (M, W, K) tensors of one dtype");
+  TORCH_CHECK(ring_pos.scalar_type() == torch::kInt64 && ring_pos.is_contiguous() &&
+                  ring_pos.sizes() == torch::IntArrayRef({M, W}),
+              "attention_step: the ring's positions must be a contiguous int64 (M, W) tensor");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == M,
+              "attention_step: positions must be int64 with one value per row");
+  const int64_t half = K / 4;
+  TORCH_CHECK(inverse_frequency.scalar_type() == torch::kFloat32 && inverse_frequency.is_contiguous() &&
+                  inverse_frequency.numel() == half,
+              "attention_step: inverse_frequency must be contiguous float32 with K / 4 values");
+  const int64_t* position = positions.data_ptr<int64_t>();
+  const float* frequency = inverse_frequency.data_ptr<float>();
+  auto rope = [&](float* x, int64_t p) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(p) * frequency[i], sin = std::sin(angle), cos = std::cos(angle);
+      const float first = x[i], second = x[half + i];
+      x[i] = first * cos - second * sin;
+      x[half + i] = second * cos + first * sin;
+    }
+  };
+  auto rq = q.clone(), rk = k.clone();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t h = 0; h < H; ++h) rope(rq.data_ptr<float>() + (m * H + h) * K, position[m]);
+    rope(rk.data_ptr<float>() + m * K, position[m]);
+  }
+  // The ring's keys a query sees: its own document's (not if it starts one), at most W positions back.
+  auto ring_visible = torch::empty({M, 1, W}, positions.options().dtype(torch::kBool));
+  const int64_t* ring = ring_pos.data_ptr<int64_t>();
+  bool* visible = ring_visible.data_ptr<bool>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t distance = position[m] - ring[m * W + j];
+      visible[m * W + j] = position[m] != 0 && ring[m * W + j] >= 0 && distance >= 0 && distance <= W;
+    }
+  const auto new_k = rk.to(ring_k.scalar_type()).view({M, 1, K}), new_v = v.to(ring_v.scalar_type()).view({M, 1, K});
+  const auto out = attend_few(rq.view({M, 1, H, K}), {ring_k, new_k}, {ring_v, new_v},
+                              {ring_visible, torch::ones({M, 1, 1}, ring_visible.options())}, scale);
+  for (int64_t m = 0; m < M; ++m) {
+    if (position[m] == 0) ring_pos[m].fill_(-1);
+    const int64_t slot = position[m] % W;
+    ring_k[m][slot].copy_(new_k[m][0]);
+    ring_v[m][slot].copy_(new_v[m][0]);
+    ring_pos[m][slot].fill_(position[m]);
+  }
+  return out.view({M, H, K});
+}
+
 // Element-wise decode steps ----------------------------------------------------------
 //
 // At decoding each element-wise operation works on a few thousand numbers, so
@@ -736,6 +804,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_few", &attend_few,
         "q (B, Q, H, K) float32 against lists of keys, values (B, S, K) and visible (B, Q, S) -> (B, Q, H, K)");
   m.def("rms_norm", &rms_norm, "x (M, D) float32, weight (D) zero-centred -> x / rms(x) * (1 + weight)");
+  m.def("attention_step", &attention_step,
+        "one local attention step: q (M, H, K), k, v (M, K), the ring's keys and values (M, W, K) and positions "
+        "(M, W) updated in place, positions (M), RoPE inverse frequencies (K / 4), scale -> (M, H, K)");
   m.def("conv_step", &conv_step,
         "one step of the depthwise causal convolution: x (M, L), taps (M, C, L) shifted in place, "
         "weight (L, C + 1), bias (L), positions (M) -> output (M, L)");
