@@ -612,11 +612,10 @@ def load_model(
             tensor = fix(stored.read())
             module = name.removesuffix(".weight")
             if module not in to_quantize:
-                tensor = tensor.to(device=device, dtype=formats.get(name, dtype))
                 # Quantizing at load reads every weight of the file once: a view of
                 # it kept here would keep all those pages resident beside the
-                # quantized copy. What stays float is small (norms, conv, RG-LRU).
-                state[name] = tensor.clone() if to_quantize else tensor
+                # quantized copy, so what stays float (norms, conv, RG-LRU; small) is copied.
+                state[name] = tensor.to(device=device, dtype=formats.get(name, dtype), copy=bool(to_quantize))
                 continue
             try:
                 parts = quantize_weight(tensor.to(dtype), quantize, group_size)

@@ -355,18 +355,18 @@ class LocalAttention(nn.Module):
         ring_in_place = state.k.dtype in (torch.float32, torch.bfloat16) and all(
             t.is_contiguous() for t in (state.k, state.v, state.pos)
         )
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*K), (B, T, K), (B, T, K)
         if length == 1 and not layout.max_pad and ring_in_place and kernels.fuses_step(x):
             # One decoding step, in one native call, which also writes the ring buffer.
             out = kernels.native().attention_step(
-                kernels.rows_float32(self.q_proj(x)).view(batch, self.num_heads, self.head_dim),
-                kernels.rows_float32(self.k_proj(x)), kernels.rows_float32(self.v_proj(x)),
+                kernels.rows_float32(q).view(batch, self.num_heads, self.head_dim),
+                kernels.rows_float32(k), kernels.rows_float32(v),
                 state.k, state.v, state.pos, layout.positions[:, 0].contiguous(),
                 rope_frequencies(self.head_dim, self.rope_base, x.device), self.head_dim**-0.5,
             )  # (B, H, K) float32
             return self.o_proj(out.to(x.dtype).view(batch, length, width))
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, 1, self.head_dim)
-        v = self.v_proj(x)  # (B, T, K)
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, 1, self.head_dim)
         q = apply_rope(q, layout.positions, self.rope_base)
         k = apply_rope(k, layout.positions, self.rope_base)[:, :, 0]  # (B, T, K)
         out = torch.cat(
