@@ -1,9 +1,13 @@
-"""The decoding step, replayed from a CUDA graph on CUDA devices.
+"""The decoding step: replayed from a CUDA graph on CUDA devices, one native call on CPUs.
 
 A Griffin decode step is several hundred small kernels. On a GPU at small
 batch sizes their launches, not the weight reads, set its time, so the step
 (`Griffin.step`) is captured once per batch size into a CUDA graph and
-replayed: one launch per token. Elsewhere the step is the plain forward.
+replayed: one launch per token. On a CPU their fixed costs (Python, torch's
+dispatch) came to about 40 ms of a 2b step, so there every residual block
+runs in one call to the native Decoder (rgemma/csrc/cpu_kernels.cpp), which
+the tests compare with the model's own forward. Elsewhere the step is the
+plain forward.
 
 A captured graph reads and writes fixed buffers: a state passed in is copied
 into them unless it is the state the previous call returned, so a loop that
@@ -17,8 +21,10 @@ from collections import OrderedDict
 
 import torch
 
-from rgemma.model import Griffin
-from rgemma.state import State
+from rgemma import kernels
+from rgemma.model import Griffin, Linear, rope_frequencies
+from rgemma.quantize import Int4Linear, Int8Linear
+from rgemma.state import RecurrentState, State
 
 
 class _CapturedStep:
@@ -51,6 +57,67 @@ class _CapturedStep:
         return self.logits.clone(), self.state
 
 
+class _NativeStep:
+    """`model.step` on a CPU: the embedding and the logits in torch, every residual block in one native call."""
+
+    def __init__(self, model: Griffin):
+        self.model = model
+        self._decoder = None
+        self._tensors: list[torch.Tensor] = []
+        self._identity: list[tuple[int, int]] = []
+
+    @staticmethod
+    def supports(model: Griffin) -> bool:
+        """A CPU model computing in float32 whose linear layers are all in formats the Decoder reads."""
+        if model.device.type != "cpu" or model.activation_dtype != torch.float32 or kernels.native() is None:
+            return False
+        for layer in model.layers:
+            for module in layer.modules():
+                if isinstance(module, Linear) and not (
+                    module.weight.dtype in (torch.float32, torch.bfloat16) and module.weight.is_contiguous()
+                ):
+                    return False
+                if isinstance(module, Int8Linear) and not module._fits_kernel():
+                    return False
+                if isinstance(module, Int4Linear) and module.in_features % 64:  # the kernel reads 64 inputs a block
+                    return False
+        return True
+
+    @staticmethod
+    def takes(state: State) -> bool:
+        """The state's tensors are laid out as the Decoder updates them in place."""
+        for layer, tensors in zip(state.layers, state.layer_tensors()):
+            if isinstance(layer, RecurrentState):
+                fits = layer.h.dtype == layer.conv.dtype == torch.float32
+            else:
+                fits = layer.k.dtype == layer.v.dtype in (torch.float32, torch.bfloat16) and layer.pos.dtype == torch.int64
+            if not (fits and all(t.is_contiguous() for t in tensors)):
+                return False
+        return True
+
+    def _current_decoder(self):
+        """The Decoder over the model's tensors, built again when any of them changed: it holds float32 copies
+        of the small ones."""
+        identity = [(t._version, t.data_ptr()) for t in self._tensors]
+        if self._decoder is None or identity != self._identity:
+            model, config = self.model, self.model.config
+            blocks = [dict(layer.state_dict(keep_vars=True)) for layer in model.layers]
+            self._tensors = [t for block in blocks for t in block.values()]
+            self._decoder = kernels.native().Decoder(
+                blocks, config.norm_eps, rope_frequencies(config.head_dim, config.rope_base, model.device)
+            )
+            self._identity = [(t._version, t.data_ptr()) for t in self._tensors]
+        return self._decoder
+
+    def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        model = self.model
+        positions = state.position.contiguous()  # (B,)
+        x = model.embed(tokens[:, 0])  # (B, D)
+        hidden = self._current_decoder().run(x.contiguous(), positions, state.layer_tensors())
+        state.position = positions + 1
+        return model.logits(model.final_norm(hidden)), state
+
+
 class DecodeStep:
     """step(tokens (B, 1), state) -> (next-token logits (B, V) float32, the state to pass next).
 
@@ -71,6 +138,7 @@ class DecodeStep:
         self._graphs: OrderedDict[int, _CapturedStep] = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._last_batch: int | None = None
+        self._native = _NativeStep(model) if not self.use_graphs and _NativeStep.supports(model) else None
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -81,6 +149,8 @@ class DecodeStep:
             if len(self._graphs) > self.MAX_GRAPHS:
                 self._graphs.popitem(last=False)
         self._last_batch = batch
+        if captured is None and self._native is not None and self._native.takes(state):
+            return self._native(tokens, state)
         if captured is None:  # the plain forward: on CPUs it skips the masks `step` keeps for capture
             logits, state = self.model(tokens, state=state)
             return logits[:, -1], state

@@ -521,8 +521,12 @@ class Griffin(nn.Module):
         state.position = torch.where(last >= 0, last + 1, state.position)
         return hidden, state
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (...) -> scaled embeddings (..., D) in the activation dtype."""
+        return self.embed_tokens(tokens).to(self.activation_dtype) * self.config.embedding_scale
+
     def _run_layers(self, tokens: torch.Tensor, layout: TokenLayout, state: State) -> torch.Tensor:
-        x = self.embed_tokens(tokens).to(self.activation_dtype) * self.config.embedding_scale
+        x = self.embed(tokens)
         for layer, layer_state in zip(self.layers, state.layers):
             x = layer(x, layout, layer_state)
         return self.final_norm(x)

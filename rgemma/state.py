@@ -85,8 +85,12 @@ class State:
         """A new state with `fn` applied to every tensor."""
         return State(position=fn(self.position), layers=[_map_layer(layer, fn) for layer in self.layers])
 
+    def layer_tensors(self) -> list[list[torch.Tensor]]:
+        """Each layer's tensors, in field order: [h, conv] or [k, v, pos]."""
+        return [[getattr(layer, f.name) for f in dataclasses.fields(layer)] for layer in self.layers]
+
     def tensors(self) -> list[torch.Tensor]:
-        return [self.position] + [getattr(l, f.name) for l in self.layers for f in dataclasses.fields(l)]
+        return [self.position] + [t for layer in self.layer_tensors() for t in layer]
 
     def clone(self) -> State:
         return self.map(torch.clone)

@@ -1,0 +1,125 @@
+"""The CPU decoding step: the native Decoder against the model's own forward.
+
+`DecodeStep` runs every residual block of a CPU step in one native call
+(rgemma/csrc/cpu_kernels.cpp, `Decoder`); the model's modules compute the
+same network with torch operations. Float weights must agree to float32
+rounding over many steps. Quantized weights are compared block by block on
+the same inputs: there the activations are quantized to int8 before each
+product, so a last-bit difference upstream (C++'s tanh against torch's) can
+move one activation by a whole quantization step, about 2e-3 of a block's
+output at these widths; a misread format is off by the whole output.
+"""
+
+import pytest
+import torch
+
+from rgemma import kernels
+from rgemma.config import Config
+from rgemma.decode import DecodeStep
+from rgemma.model import Griffin, TokenLayout, rope_frequencies
+from rgemma.quantize import quantize_model
+
+pytestmark = pytest.mark.skipif(kernels.native() is None, reason="the native CPU kernels cannot be built here")
+
+STEPS = 24  # past the attention window (16): the ring buffer wraps
+RESET_AT = 9  # row 1 starts a new document at this step
+
+
+def config() -> Config:
+    # Widths that are multiples of 64 but not of 128, so int4 groups of 128 are padded.
+    return Config.preset("tiny", width=192, lru_width=192, mlp_width=320)
+
+
+def model(dtype: torch.dtype = torch.float32, bits: int | None = None) -> Griffin:
+    torch.manual_seed(0)
+    griffin = Griffin(config(), dtype=dtype).eval()
+    return quantize_model(griffin, bits, group_size=128) if bits else griffin
+
+
+def prefilled(griffin: Griffin):
+    """A state with two rows at different positions, and the tokens to decode."""
+    tokens = torch.randint(0, griffin.config.vocab_size, (2, 5 + STEPS), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2]])  # row 1 left-padded
+    with torch.no_grad():
+        _, state = griffin(tokens[:, :5], positions=positions)
+    return tokens[:, 5:], state
+
+
+def relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((y - expected).abs().max() / expected.pow(2).mean().sqrt()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_equals_the_forward(dtype):
+    griffin = model(dtype)
+    step = DecodeStep(griffin)
+    assert step._native is not None, "a float32-computing CPU model decodes through the native Decoder"
+    tokens, state = prefilled(griffin)
+    expected_state = state.clone()
+    with torch.no_grad():
+        for t in range(STEPS):
+            if t == RESET_AT:
+                state.position[1] = expected_state.position[1] = 0
+            logits, state = step(tokens[:, t:t + 1], state)
+            expected, expected_state = griffin(tokens[:, t:t + 1], state=expected_state)
+            assert relative_error(logits, expected[:, -1]) < 1e-5, f"step {t}"
+    for got, want in zip(state.tensors(), expected_state.tensors()):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_blocks_equal_the_modules_on_quantized_weights(bits):
+    griffin = model(bits=bits)
+    assert DecodeStep(griffin)._native is not None
+    cfg = griffin.config
+    decoders = [
+        kernels.native().Decoder(
+            [dict(layer.state_dict(keep_vars=True))], cfg.norm_eps, rope_frequencies(cfg.head_dim, cfg.rope_base, "cpu")
+        )
+        for layer in griffin.layers
+    ]
+    tokens, state = prefilled(griffin)
+    native_state = state.clone()
+    with torch.no_grad():
+        for t in range(STEPS):
+            if t == RESET_AT:
+                state.position[1] = native_state.position[1] = 0
+            positions = state.position.clone()
+            x = griffin.embed(tokens[:, t])  # (B, D)
+            for i, (layer, decoder) in enumerate(zip(griffin.layers, decoders)):
+                expected = layer(x[:, None], TokenLayout.of_step(positions[:, None]), state.layers[i])[:, 0]
+                y = decoder.run(x.contiguous(), positions, [native_state.layer_tensors()[i]])
+                assert relative_error(y, expected) < 5e-3, f"step {t}, block {i}"
+                x = expected
+            state.position = native_state.position = positions + 1
+    for got, want in zip(native_state.tensors(), state.tensors()):
+        assert relative_error(got.double(), want.double()) < 5e-3
+
+
+def test_native_step_follows_weights_changed_in_place():
+    griffin = model()
+    step = DecodeStep(griffin)
+    tokens, state = prefilled(griffin)
+    expected_state = state.clone()
+    with torch.no_grad():
+        step(tokens[:, :1], state)
+        griffin(tokens[:, :1], state=expected_state)
+        for layer in griffin.layers:  # small weights, of which the Decoder keeps float32 copies
+            layer.channel_pre_norm.weight.add_(0.5)
+            layer.mlp_block.down_proj.bias.add_(0.1)
+        logits, _ = step(tokens[:, 1:2], state)
+        expected, _ = griffin(tokens[:, 1:2], state=expected_state)
+    assert relative_error(logits, expected[:, -1]) < 1e-5
+
+
+def test_decode_step_takes_the_plain_path_without_native_kernels(monkeypatch):
+    griffin = model()
+    tokens, state = prefilled(griffin)
+    expected_state = state.clone()
+    with torch.no_grad():
+        native_logits, _ = DecodeStep(griffin)(tokens[:, :1], expected_state)
+        monkeypatch.setattr(kernels, "native", lambda: None)
+        step = DecodeStep(griffin)
+        assert step._native is None
+        logits, _ = step(tokens[:, :1], state)
+    assert relative_error(logits, native_logits) < 1e-5
