@@ -197,14 +197,14 @@ def test_rglru_step_kernel_equals_the_plain_recurrence(dtype, monkeypatch):
     from rgemma.model import RGLRU, TokenLayout
 
     torch.manual_seed(0)
-    rglru = RGLRU(width=40, num_heads=4).to(dtype)
+    rglru = RGLRU(width=44, num_heads=4).to(dtype)  # 44: 4 channels past the last 8
     rglru.reset_parameters()
     with torch.no_grad():  # non-zero biases, and a gate parameter past softplus' threshold
         rglru.input_gate_bias.normal_()
         rglru.recurrent_gate_bias.normal_()
         rglru.recurrent_param[0] = 25.0
-    x = torch.randn(3, 1, 40)
-    h0 = torch.randn(3, 40)
+    x = torch.randn(3, 1, 44)
+    h0 = torch.randn(3, 44)
     layout = TokenLayout.of_step(torch.tensor([[7], [0], [2]]))
     with torch.no_grad():
         assert kernels.fuses_step(x, rglru.input_gate_weight, rglru.recurrent_gate_weight)
