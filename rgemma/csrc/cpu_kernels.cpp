@@ -291,13 +291,21 @@ inline __m256i sum_each(const __m256i* s) {
                           _mm256_permute2x128_si256(s0123, s4567, 0x31));
 }
 
-// The 8 int32 block sums of blocks b0 .. b0+7 of a row against x (zero past `count` blocks).
-template <typename Row>
-__m256i block_sums(const Row& row, int64_t b0, int64_t count, const int8_t* x) {
-  __m256i s[kBlocksPerStep];
-  for (int64_t j = 0; j < kBlocksPerStep; ++j)
-    s[j] = j < count ? row.dot(b0 + j, x + (b0 + j) * Row::kInputs) : _mm256_setzero_si256();
-  return sum_each(s);
+// The 8 int32 block sums of blocks b0 .. b0+7 of a row against each of MB rows
+// of x, `x_stride` apart (zero past `count` blocks). Each block of weights is
+// unpacked once for all MB rows.
+template <int MB, typename Row>
+void block_sums(const Row& row, int64_t b0, int64_t count, const int8_t* x, int64_t x_stride, __m256i* sums) {
+  __m256i s[MB][kBlocksPerStep];
+  for (int64_t j = 0; j < kBlocksPerStep; ++j) {
+    if (j >= count) {
+      for (int m = 0; m < MB; ++m) s[m][j] = _mm256_setzero_si256();
+      continue;
+    }
+    const auto weights = row.unpack(b0 + j);
+    for (int m = 0; m < MB; ++m) s[m][j] = Row::dot(weights, x + m * x_stride + (b0 + j) * Row::kInputs);
+  }
+  for (int m = 0; m < MB; ++m) sums[m] = sum_each(s[m]);
 }
 
 // Eight float16 values per block, for blocks b0 .. b0+7 (zero past `count`), from
@@ -316,11 +324,16 @@ struct Int8Row {
   const int8_t* q;
   float scale;
   const char* bytes(int64_t b) const { return reinterpret_cast<const char*>(q + b * kInputs); }
-  // 8 int32 sums of 32 products. maddubs multiplies unsigned by signed, so it
-  // takes |q| and x carrying q's sign (q is never -128).
-  __m256i dot(int64_t b, const int8_t* x) const {
+  // maddubs multiplies unsigned by signed, so a block is |q| and q (for its
+  // sign, which x takes on; q is never -128).
+  struct Block { __m256i magnitude, q; };
+  Block unpack(int64_t b) const {
     const __m256i w = load_256(q + b * kInputs);
-    return sum_pairs(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(load_256(x), w)));
+    return {_mm256_sign_epi8(w, w), w};
+  }
+  // 8 int32 sums of 32 products.
+  static __m256i dot(const Block& w, const int8_t* x) {
+    return sum_pairs(_mm256_maddubs_epi16(w.magnitude, _mm256_sign_epi8(load_256(x), w.q)));
   }
   __m256 scales(int64_t, int64_t) const { return _mm256_set1_ps(1.0f); }
   __m256 add_minima(__m256 acc, int64_t, int64_t, __m256) const { return acc; }
@@ -335,13 +348,16 @@ struct Int4Row {
   const at::Half* minimum;
   int64_t blocks_per_group;
   const char* bytes(int64_t b) const { return reinterpret_cast<const char*>(q + b * kBytes); }
-  // 8 int32 sums of 64 products; each s16 pair sum is at most 2 * 15 * 127, so two add safely.
-  __m256i dot(int64_t b, const int8_t* x) const {
+  // A block as u8 in 0..15: inputs 0..31 (the low nibbles) and 32..63 (the high ones).
+  struct Block { __m256i low, high; };
+  Block unpack(int64_t b) const {
     const __m256i packed = load_256(q + b * kBytes), nibble = _mm256_set1_epi8(0x0F);
-    const __m256i low = _mm256_and_si256(packed, nibble);  // inputs 0..31 of the block, as u8 in 0..15
-    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);  // inputs 32..63
-    return sum_pairs(_mm256_add_epi16(_mm256_maddubs_epi16(low, load_256(x)),
-                                      _mm256_maddubs_epi16(high, load_256(x + 32))));
+    return {_mm256_and_si256(packed, nibble), _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble)};
+  }
+  // 8 int32 sums of 64 products; each s16 pair sum is at most 2 * 15 * 127, so two add safely.
+  static __m256i dot(const Block& w, const int8_t* x) {
+    return sum_pairs(_mm256_add_epi16(_mm256_maddubs_epi16(w.low, load_256(x)),
+                                      _mm256_maddubs_epi16(w.high, load_256(x + 32))));
   }
   __m256 scales(int64_t b0, int64_t count) const { return per_block(scale, b0, count, blocks_per_group); }
   // The minima's share: minimum * (the sum of x over the block), for every block.
@@ -363,11 +379,12 @@ void integer_tile(const Row* rows, const QuantizedX& xq, int64_t m0, float* y, i
       for (int64_t line = 0; line < kBlocksPerStep * Row::kBytes; line += 64)
         _mm_prefetch(rows[r].bytes(b0) + line + ahead, _MM_HINT_T1);
       const __m256 weight_scales = rows[r].scales(b0, count);
+      __m256i sums[MB];
+      block_sums<MB>(rows[r], b0, count, xq.q.data() + m0 * xq.K, xq.K, sums);
       for (int m = 0; m < MB; ++m) {
         const int64_t row = (m0 + m) * xq.stride + b0;
-        const __m256i sums = block_sums(rows[r], b0, count, xq.q.data() + (m0 + m) * xq.K);
         const __m256 scales = _mm256_mul_ps(weight_scales, _mm256_loadu_ps(xq.scale.data() + row));
-        acc[r][m] = rows[r].add_minima(_mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc[r][m]), b0, count,
+        acc[r][m] = rows[r].add_minima(_mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), scales, acc[r][m]), b0, count,
                                        _mm256_loadu_ps(xq.sums.data() + row));
       }
     }
