@@ -32,9 +32,12 @@ at a time, and uses F.linear: the plain PyTorch path, also used on GPUs.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import math
 import re
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -51,6 +54,8 @@ INT8_KERNEL_BLOCK = 32  # the int8 kernel reads rows in blocks of this many inpu
 # Quantizing and the plain path work on blocks of rows of about this many
 # weights, so no float copy of a whole large matrix (the embedding) is ever made.
 CHUNK_WEIGHTS = 1 << 20
+HUGE_PAGE = 2 * 2**20
+MADV_HUGEPAGE = 14  # linux/mman.h
 # Our names of the modules that are quantized; everything else stays float.
 QUANTIZED_MODULES = re.compile(
     r"embed_tokens"
@@ -140,6 +145,28 @@ def _quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
     return pack_int4(q.flatten(1)), scale, minimum
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _empty_on_huge_pages(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, asking Linux to back the memory with 2 MB pages when it is first written.
+
+    Decoding streams every quantized weight once per step; on 4 KB pages a
+    2b int8 step measured 171-202 ms against 138-141 ms on 2 MB pages (the
+    kernel's TLB misses). Transparent huge pages are often enabled only for
+    memory that asks (`madvise` mode), as torch's allocator does not; the
+    float weights are mapped from their files, where the page cache decides.
+    """
+    tensor = torch.empty(*shape, dtype=dtype)
+    if sys.platform.startswith("linux") and tensor.nbytes >= 2 * HUGE_PAGE:
+        start = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE  # the whole huge pages inside the tensor
+        end = (tensor.data_ptr() + tensor.nbytes) // HUGE_PAGE * HUGE_PAGE
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)  # advice: may be refused
+    return tensor
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
     """A float (N, K) weight in the stored format: {"qweight", "scale"} and for int4 "minimum".
 
@@ -149,11 +176,11 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_G
     check_format(bits, group_size)
     rows, in_features = weight.shape
     if bits == 8:
-        out = {"qweight": torch.empty(rows, in_features, dtype=torch.int8),
+        out = {"qweight": _empty_on_huge_pages(rows, in_features, dtype=torch.int8),
                "scale": torch.empty(rows, dtype=torch.float32)}
     else:
         groups = padded(in_features, group_size) // group_size
-        out = {"qweight": torch.empty(rows, groups * group_size // 2, dtype=torch.uint8),
+        out = {"qweight": _empty_on_huge_pages(rows, groups * group_size // 2, dtype=torch.uint8),
                "scale": torch.empty(rows, groups, dtype=torch.float16),
                "minimum": torch.empty(rows, groups, dtype=torch.float16)}
     for block in _row_chunks(rows, in_features):

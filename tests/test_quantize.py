@@ -310,6 +310,30 @@ def test_quantizing_at_load_keeps_no_view_of_the_float_file(float_dirs, quantize
     gc.collect()
 
 
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def mapping_of(address: int) -> str:
+    """This process's /proc/self/smaps entry for the mapping that holds `address`."""
+    for entry in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        start, end = (int(a, 16) for a in entry.split()[0].split("-"))
+        if start <= address < end:
+            return entry
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(
+    not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(), reason="no transparent huge pages here"
+)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_weights_ask_for_huge_pages(bits):
+    """Decoding streams the quantized weights every step: they ask for 2 MB pages, which cut the TLB misses."""
+    qweight = quantize_weight(torch.randn(2048, 8192), bits)["qweight"]  # 16 or 8 MB
+    huge = 2 * 2**20
+    first_whole_page = -(-qweight.data_ptr() // huge) * huge
+    assert re.search(r"^THPeligible:\s+1$", mapping_of(first_whole_page), re.MULTILINE)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @torch.no_grad()
 def test_decode_equals_full_forward(monkeypatch, bits):
