@@ -23,7 +23,7 @@ import torch
 
 from rgemma import kernels
 from rgemma.model import Griffin, Linear, rope_frequencies
-from rgemma.quantize import Int4Linear, Int8Linear
+from rgemma.quantize import Int8Linear
 from rgemma.state import RecurrentState, State
 
 
@@ -78,8 +78,6 @@ class _NativeStep:
                 ):
                     return False
                 if isinstance(module, Int8Linear) and not module._fits_kernel():
-                    return False
-                if isinstance(module, Int4Linear) and module.in_features % 64:  # the kernel reads 64 inputs a block
                     return False
         return True
 

@@ -27,14 +27,14 @@ STEPS = 24  # past the attention window (16): the ring buffer wraps
 RESET_AT = 9  # row 1 starts a new document at this step
 
 
-def config() -> Config:
-    # Widths that are multiples of 64 but not of 128, so int4 groups of 128 are padded.
-    return Config.preset("tiny", width=192, lru_width=192, mlp_width=320)
+def config(width: int = 192) -> Config:
+    # Widths that are not multiples of 128 (and 160 not of 64), so int4 groups of 128 are padded.
+    return Config.preset("tiny", width=width, lru_width=width, mlp_width=320)
 
 
-def model(dtype: torch.dtype = torch.float32, bits: int | None = None) -> Griffin:
+def model(dtype: torch.dtype = torch.float32, bits: int | None = None, width: int = 192) -> Griffin:
     torch.manual_seed(0)
-    griffin = Griffin(config(), dtype=dtype).eval()
+    griffin = Griffin(config(width), dtype=dtype).eval()
     return quantize_model(griffin, bits, group_size=128) if bits else griffin
 
 
@@ -69,9 +69,10 @@ def test_native_step_equals_the_forward(dtype):
         torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [192, 160])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_native_blocks_equal_the_modules_on_quantized_weights(bits):
-    griffin = model(bits=bits)
+def test_native_blocks_equal_the_modules_on_quantized_weights(bits, width):
+    griffin = model(bits=bits, width=width)
     assert DecodeStep(griffin)._native is not None
     cfg = griffin.config
     decoders = [
