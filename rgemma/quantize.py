@@ -177,12 +177,12 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_G
     rows, in_features = weight.shape
     if bits == 8:
         out = {"qweight": _empty_on_huge_pages(rows, in_features, dtype=torch.int8),
-               "scale": torch.empty(rows, dtype=torch.float32)}
+               "scale": _empty_on_huge_pages(rows, dtype=torch.float32)}
     else:
         groups = padded(in_features, group_size) // group_size
         out = {"qweight": _empty_on_huge_pages(rows, groups * group_size // 2, dtype=torch.uint8),
-               "scale": torch.empty(rows, groups, dtype=torch.float16),
-               "minimum": torch.empty(rows, groups, dtype=torch.float16)}
+               "scale": _empty_on_huge_pages(rows, groups, dtype=torch.float16),
+               "minimum": _empty_on_huge_pages(rows, groups, dtype=torch.float16)}
     for block in _row_chunks(rows, in_features):
         w = weight[block].detach().to("cpu", torch.float32)
         parts = _quantize_int8(w) if bits == 8 else _quantize_int4(w, group_size)
