@@ -147,7 +147,7 @@ def _quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+    return ctypes.CDLL(None)
 
 
 def _empty_on_huge_pages(*shape: int, dtype: torch.dtype) -> torch.Tensor:
