@@ -174,11 +174,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), x.shape[-1:], scale, eps).to(x.dtype)
 
 
-def fuses_step(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether one decoding step of these activations and weights goes to a fused native kernel."""
-    return uses_kernel(x) and all(_inference(w) for w in weights)
-
-
 def block_diagonal_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., H, I), weight (H, I, J) -> (..., H, J): each head's block of x times its own matrix."""
     heads, width = weight.shape[0], weight.shape[0] * weight.shape[1]

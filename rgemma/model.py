@@ -174,13 +174,6 @@ class Conv1D(nn.Module):
         """x (B, T, L), taps (B, C, L) -> output (B, T, L), new taps (B, C, L)."""
         num_taps = self.conv_width - 1
         length = x.shape[1]
-        if length == 1 and not layout.max_pad and taps.dtype == torch.float32 and kernels.fuses_step(x, self.weight):
-            taps = taps.contiguous()  # one decoding step, in one native call, which shifts the taps in place
-            out = kernels.native().conv_step(
-                kernels.rows_float32(x), taps, kernels.parameter_as(self.weight, torch.float32)[:, 0],
-                kernels.parameter_as(self.bias, torch.float32), layout.positions[:, 0].contiguous(),
-            )  # (B, L) float32
-            return out[:, None].to(x.dtype), taps
         history = torch.cat([taps.to(x.dtype), x], dim=1)  # (B, C + T, L)
         if layout.max_pad:
             # Drop each row's left padding so that its first real token reads the taps.
@@ -254,16 +247,6 @@ class RGLRU(nn.Module):
         self, x: torch.Tensor, layout: TokenLayout, h0: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, L), h0 (B, L) float32 -> y (B, T, L), last state (B, L) float32."""
-        if x.shape[1] == 1 and h0 is not None and not layout.max_pad and kernels.fuses_step(
-            x, self.input_gate_weight, self.recurrent_gate_weight
-        ):  # one decoding step, in one native call
-            as_float = functools.partial(kernels.parameter_as, dtype=torch.float32)
-            h = kernels.native().rglru_step(
-                kernels.rows_float32(x), self.input_gate_weight, as_float(self.input_gate_bias),
-                self.recurrent_gate_weight, as_float(self.recurrent_gate_bias), as_float(self.recurrent_param),
-                h0.contiguous(), layout.positions[:, 0].contiguous(),
-            )  # (B, L) float32
-            return h[:, None].to(x.dtype), h
         input_gate = self._gate(x, self.input_gate_weight, self.input_gate_bias)
         recurrence_gate = self._gate(x, self.recurrent_gate_weight, self.recurrent_gate_bias)
         log_a = -8.0 * recurrence_gate * F.softplus(kernels.parameter_as(self.recurrent_param, torch.float32))
@@ -352,21 +335,9 @@ class LocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, state: AttentionState) -> torch.Tensor:
         batch, length, width = x.shape
-        ring_in_place = state.k.dtype in (torch.float32, torch.bfloat16) and all(
-            t.is_contiguous() for t in (state.k, state.v, state.pos)
-        )
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*K), (B, T, K), (B, T, K)
-        if length == 1 and not layout.max_pad and ring_in_place and kernels.fuses_step(x):
-            # One decoding step, in one native call, which also writes the ring buffer.
-            out = kernels.native().attention_step(
-                kernels.rows_float32(q).view(batch, self.num_heads, self.head_dim),
-                kernels.rows_float32(k), kernels.rows_float32(v),
-                state.k, state.v, state.pos, layout.positions[:, 0].contiguous(),
-                rope_frequencies(self.head_dim, self.rope_base, x.device), self.head_dim**-0.5,
-            )  # (B, H, K) float32
-            return self.o_proj(out.to(x.dtype).view(batch, length, width))
-        q = q.view(batch, length, self.num_heads, self.head_dim)
-        k = k.view(batch, length, 1, self.head_dim)
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, 1, self.head_dim)
+        v = self.v_proj(x)  # (B, T, K)
         q = apply_rope(q, layout.positions, self.rope_base)
         k = apply_rope(k, layout.positions, self.rope_base)[:, :, 0]  # (B, T, K)
         out = torch.cat(

@@ -192,8 +192,9 @@ def test_rms_norm_kernel_equals_the_formula(dtype, width, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rglru_step_kernel_equals_the_plain_recurrence(dtype, monkeypatch):
-    """One decoding step of the RG-LRU, fused, against the module's torch operations; row 1 starts a document."""
+def test_rglru_step_kernel_equals_the_plain_recurrence(dtype):
+    """One decoding step of the RG-LRU (as the Decoder runs it) against the module's torch operations; row 1
+    starts a document."""
     from rgemma.model import RGLRU, TokenLayout
 
     torch.manual_seed(0)
@@ -207,18 +208,17 @@ def test_rglru_step_kernel_equals_the_plain_recurrence(dtype, monkeypatch):
     h0 = torch.randn(3, 44)
     layout = TokenLayout.of_step(torch.tensor([[7], [0], [2]]))
     with torch.no_grad():
-        assert kernels.fuses_step(x, rglru.input_gate_weight, rglru.recurrent_gate_weight)
-        y, h = rglru(x, layout, h0)
-        with monkeypatch.context() as patch:
-            patch.setattr(kernels, "native", lambda: None)
-            expected_y, expected_h = rglru(x, layout, h0)
+        h = kernels.native().rglru_step(
+            x[:, 0], rglru.input_gate_weight, rglru.input_gate_bias.float(), rglru.recurrent_gate_weight,
+            rglru.recurrent_gate_bias.float(), rglru.recurrent_param.float(), h0, layout.positions[:, 0],
+        )
+        _, expected_h = rglru(x, layout, h0)
     close(h, expected_h)
-    close(y, expected_y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_step_kernel_equals_the_plain_convolution(dtype, monkeypatch):
-    """One decoding step of the convolution, fused, against the module's torch operations.
+def test_conv_step_kernel_equals_the_plain_convolution(dtype):
+    """One decoding step of the convolution (as the Decoder runs it) against the module's torch operations.
 
     Rows at positions 0, 1, 2 see none, one and two of the 3 taps; the row at 9 sees all."""
     from rgemma.model import Conv1D, TokenLayout
@@ -232,23 +232,23 @@ def test_conv_step_kernel_equals_the_plain_convolution(dtype, monkeypatch):
     taps = torch.randn(4, 3, 20)
     layout = TokenLayout.of_step(torch.tensor([[0], [1], [2], [9]]))
     with torch.no_grad():
-        assert kernels.fuses_step(x, conv.weight)
-        out, new_taps = conv(x, layout, taps.clone())
-        with monkeypatch.context() as patch:
-            patch.setattr(kernels, "native", lambda: None)
-            expected_out, expected_taps = conv(x, layout, taps.clone())
-    close(out, expected_out)
-    assert torch.equal(new_taps, expected_taps)
+        new_taps = taps.clone()  # shifted in place
+        out = kernels.native().conv_step(
+            x[:, 0], new_taps, conv.weight.float()[:, 0], conv.bias.float(), layout.positions[:, 0]
+        )
+        expected_out, expected_taps = conv(x, layout, taps.clone())
+    close(out, expected_out[:, 0])
+    assert torch.equal(new_taps, expected_taps.float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_step_kernel_equals_the_plain_attention(dtype, monkeypatch):
-    """One decoding step of local attention, fused, against the module's torch operations.
+def test_attention_step_kernel_equals_the_plain_attention(dtype):
+    """One decoding step of local attention (as the Decoder runs it) against the module's torch operations.
 
     Row 0 is past the window (the slot it overwrites is still visible), row 1
     starts a document (it sees only itself, and forgets the ring), row 2 has
     a ring only partly filled, row 3 is far along (RoPE at large angles)."""
-    from rgemma.model import LocalAttention, TokenLayout
+    from rgemma.model import LocalAttention, TokenLayout, rope_frequencies
     from rgemma.state import AttentionState
 
     torch.manual_seed(0)
@@ -266,13 +266,16 @@ def test_attention_step_kernel_equals_the_plain_attention(dtype, monkeypatch):
     x = torch.randn(4, 1, config.width)
     layout = TokenLayout.of_step(positions)
     with torch.no_grad():
-        assert kernels.fuses_step(x)
         fused = AttentionState(*(t.clone() for t in (state.k, state.v, state.pos)))
-        out = attention(x, layout, fused)
-        with monkeypatch.context() as patch:
-            patch.setattr(kernels, "native", lambda: None)
-            plain = AttentionState(*(t.clone() for t in (state.k, state.v, state.pos)))
-            expected = attention(x, layout, plain)
+        project = lambda linear: linear(x)[:, 0].float().contiguous()  # noqa: E731  (B, out)
+        out = kernels.native().attention_step(
+            project(attention.q_proj).view(4, config.num_heads, head_dim), project(attention.k_proj),
+            project(attention.v_proj), fused.k, fused.v, fused.pos, layout.positions[:, 0],
+            rope_frequencies(head_dim, config.rope_base, x.device), head_dim**-0.5,
+        )  # (B, H, K), before o_proj
+        out = attention.o_proj(out.to(x.dtype).view(4, 1, config.width))
+        plain = AttentionState(*(t.clone() for t in (state.k, state.v, state.pos)))
+        expected = attention(x, layout, plain)
     close(out, expected)
     close(fused.k, plain.k)
     close(fused.v, plain.v)

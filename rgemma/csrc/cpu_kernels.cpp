@@ -733,9 +733,10 @@ torch::Tensor attention_step(const torch::Tensor& q, const torch::Tensor& k, con
 // At decoding each element-wise operation works on a few thousand numbers, so
 // torch's fixed cost per operation (dispatch, allocation, and caches that the
 // weights' stream has just emptied) outweighs the arithmetic: a 2b step ran
-// about 2,700 of them. These fuse the norm, the convolution step and the RG-LRU
-// step into one call each; rgemma/model.py computes the same functions with torch operations, and
-// the tests compare the two.
+// about 2,700 of them. These compute the norm, the convolution step and the
+// RG-LRU step for the Decoder below; rgemma/model.py computes the same functions
+// with torch operations, and the tests compare the two (through the entry
+// points conv_step, rglru_step and attention_step, and through the Decoder).
 
 template <typename Eights>
 void rms_norm_rows(const float* x, const Eights& weight, int64_t M, int64_t D, double eps, float* y) {
