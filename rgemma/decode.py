@@ -63,8 +63,6 @@ class _NativeStep:
     def __init__(self, model: Griffin):
         self.model = model
         self._decoder = None
-        self._tensors: list[torch.Tensor] = []
-        self._identity: list[tuple[int, int]] = []
 
     @staticmethod
     def supports(model: Griffin) -> bool:
@@ -94,17 +92,14 @@ class _NativeStep:
         return True
 
     def _current_decoder(self):
-        """The Decoder over the model's tensors, built again when any of them changed: it holds float32 copies
-        of the small ones."""
-        identity = [(t._version, t.data_ptr()) for t in self._tensors]
-        if self._decoder is None or identity != self._identity:
+        """The Decoder over the model's tensors, built again when any of them changed in place or moved: it
+        holds float32 copies of the small ones."""
+        if self._decoder is None or not self._decoder.is_current():
             model, config = self.model, self.model.config
             blocks = [dict(layer.state_dict(keep_vars=True)) for layer in model.layers]
-            self._tensors = [t for block in blocks for t in block.values()]
             self._decoder = kernels.native().Decoder(
                 blocks, config.norm_eps, rope_frequencies(config.head_dim, config.rope_base, model.device)
             )
-            self._identity = [(t._version, t.data_ptr()) for t in self._tensors]
         return self._decoder
 
     def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
