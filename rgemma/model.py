@@ -188,7 +188,7 @@ class Conv1D(nn.Module):
             windows = windows * (layout.positions[..., None] >= back)[:, :, None, :].to(x.dtype)
         weight = kernels.parameter_as(self.weight, x.dtype)[:, 0]  # (L, C + 1)
         out = kernels.parameter_as(self.bias, x.dtype) + (windows * weight).sum(dim=-1)
-        return out, history[:, -num_taps:]
+        return out, history[:, -num_taps:].clone()  # a view would keep all of `history` alive
 
 
 class _SqrtClippedGradient(torch.autograd.Function):

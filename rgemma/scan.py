@@ -114,4 +114,4 @@ def linear_scan(
         h = x if h0 is None else a * h0[:, None] + x
     else:
         h = _LinearScan.apply(a, x, h0)
-    return h, h[:, -1]
+    return h, h[:, -1].clone()  # a view would keep all of h alive in the state

@@ -17,7 +17,7 @@ import torch
 
 from rgemma import kernels
 from rgemma.config import Config
-from rgemma.decode import DecodeStep
+from rgemma.decode import DecodeStep, _NativeStep
 from rgemma.model import Griffin, TokenLayout, rope_frequencies
 from rgemma.quantize import quantize_model
 
@@ -49,6 +49,16 @@ def prefilled(griffin: Griffin):
 
 def relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:
     return ((y - expected).abs().max() / expected.pow(2).mean().sqrt()).item()
+
+
+def test_a_prefilled_state_is_compact():
+    """Each tensor of a prompt's state owns exactly its storage: the native step takes the state at any batch
+    size (a view of the last position was strided at batch 2+), and no view keeps the prompt's activations
+    alive."""
+    _, state = prefilled(model())
+    assert _NativeStep.takes(state)
+    for tensor in state.tensors():
+        assert tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes, tensor.shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
