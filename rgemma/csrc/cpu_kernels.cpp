@@ -485,7 +485,8 @@ class Input {
 
   const QuantizedX& quantized(int64_t K, int64_t block) {
     auto found = quantized_.find({K, block});
-    if (found == quantized_.end()) found = quantized_.emplace(std::make_pair(K, block), quantize_x(padded(K), M_, K, block)).first;
+    if (found == quantized_.end())
+      found = quantized_.emplace(std::make_pair(K, block), quantize_x(padded(K), M_, K, block)).first;
     return found->second;
   }
 
