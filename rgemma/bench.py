@@ -530,6 +530,7 @@ class Settings:
     decode_steps: int
     warmup: int
     prefill_repeats: int
+    rounds: int  # decode measurements, the engines taking turns
     context_lengths: tuple[int, ...]  # empty: no context growth
     context_fill: str
     seed: int
@@ -562,7 +563,7 @@ def settings_from_args(args) -> Settings:
         raise ValueError(f"--engines: unknown {', '.join(unknown)!s}; "
                          f"valid: {','.join((*ENGINE_NAMES, *QUANTIZED_ENGINES))}")
     for option, value in (("--decode-steps", args.decode_steps), ("--prefill-repeats", args.prefill_repeats),
-                          ("--threads", args.threads)):
+                          ("--rounds", args.rounds), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be at least 1, got {value}")
     if args.warmup < 0:
@@ -580,7 +581,7 @@ def settings_from_args(args) -> Settings:
         device=str(device), threads=args.threads, engines=tuple(dict.fromkeys(engines)),
         prompt_lengths=_positive_list(args.prompt_lengths, "--prompt-lengths"),
         batch_sizes=_positive_list(args.batch_sizes, "--batch-sizes"),
-        decode_steps=args.decode_steps, warmup=args.warmup, prefill_repeats=args.prefill_repeats,
+        decode_steps=args.decode_steps, warmup=args.warmup, prefill_repeats=args.prefill_repeats, rounds=args.rounds,
         context_lengths=_positive_list(args.context_growth, "--context-growth") if args.context_growth else (),
         context_fill=args.context_fill, seed=args.seed,
     )
@@ -712,6 +713,21 @@ def _steps(job: dict) -> int:
     return 1 + bool(job["check_prompt"]) + sum(len(job[k]) for k in ("prompt_lengths", "batch_sizes", "context_lengths"))
 
 
+def _decode_only(job: dict) -> dict:
+    """The job of a later round: load, then the decode measurements only."""
+    return {**job, "check_prompt": 0, "check_steps": 0, "prompt_lengths": (), "context_lengths": ()}
+
+
+def _merge_rounds(engine: dict, rounds: list[list[dict]]) -> None:
+    """engine["decode"]: for each batch size the round with the median step time, and every round's step time."""
+    merged = []
+    for rows in zip(*rounds):  # one batch size, each round's row
+        seconds = [row["step_seconds_median"] for row in rows]
+        middle = rows[seconds.index(statistics.median_low(seconds))]
+        merged.append({**middle, "rounds_step_seconds": seconds})
+    engine["decode"] = merged
+
+
 def run(settings: Settings) -> dict:
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -734,7 +750,9 @@ def _run(settings: Settings) -> dict:
         path = _weights_directory(settings, Path(scratch))
         results["model"], config = _describe(path, settings)
         jobs = _jobs(settings, config, path)
-        progress.total = 3 + sum(_steps(job) for name, job in jobs.items() if installed(name))
+        decoding = [name for name, job in jobs.items() if job["batch_sizes"] and installed(name)]
+        later = (settings.rounds - 1) * (1 + len(decoding) * (1 + len(settings.batch_sizes)))
+        progress.total = 3 + sum(_steps(job) for name, job in jobs.items() if installed(name)) + later
         progress.update()
         results["machine"] = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -742,11 +760,11 @@ def _run(settings: Settings) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         }
         progress.set_postfix_str("roofline: read bandwidth")
-        results["roofline"] = {"bandwidth": read_bandwidth(device)}
+        bandwidths = [read_bandwidth(device)]
         progress.update()
         progress.set_postfix_str("roofline: matmul")
         shape = (min(max(settings.prompt_lengths), MAX_GEMM_TOKENS), config.width, config.mlp_width)
-        results["roofline"]["matmul"] = matmul_throughput(shape, dtype, device)
+        matmul = matmul_throughput(shape, dtype, device)
         progress.update()
         done = {}
         for name, job in jobs.items():
@@ -754,6 +772,26 @@ def _run(settings: Settings) -> dict:
                 done[name] = {"status": "interrupted"}
             else:
                 done[name] = _collect(job, progress) if installed(name) else {"status": "not installed"}
+        # Later rounds: the bandwidth drifts between one engine's process and the next, so every engine
+        # decodes again in turn, and each round's ratios compare engines measured minutes apart at most.
+        rounds = {name: [done[name].get("decode", [])] for name in decoding}
+        for _ in range(settings.rounds - 1):
+            if any(d["status"] != "ok" for d in done.values() if d["status"] != "not installed"):
+                break
+            progress.set_postfix_str("roofline: read bandwidth")
+            bandwidths.append(read_bandwidth(device))
+            progress.update()
+            for name in decoding:
+                again = _collect(_decode_only(jobs[name]), progress)
+                if again["status"] != "ok":
+                    done[name]["status"] = again["status"]
+                    break
+                rounds[name].append(again.get("decode", []))
+        for name, measured in rounds.items():
+            _merge_rounds(done[name], measured[:min(len(m) for m in rounds.values())])
+        speeds = [b["bytes_per_s"] for b in bandwidths]
+        results["roofline"] = {"bandwidth": {**bandwidths[speeds.index(statistics.median_low(speeds))],
+                                             "rounds_bytes_per_s": speeds}, "matmul": matmul}
 
     results["engines"] = {name: done[name] for name in settings.engines}
     if settings.context_lengths:
@@ -786,12 +824,26 @@ def agreement(engines: dict) -> dict:
     return {"greedy_tokens_agree": agree, "top": top}
 
 
-def quantized_speedups(engines: dict) -> dict[str, dict[int, float]]:
-    """Decode tokens/s of each quantized engine over rgemma's float weights, by batch size."""
-    float_rates = {r["batch_size"]: r["tokens_per_s"] for r in engines.get("rgemma", {}).get("decode", [])}
-    return {name: {r["batch_size"]: r["tokens_per_s"] / float_rates[r["batch_size"]]
-                   for r in engines[name].get("decode", []) if r["batch_size"] in float_rates}
-            for name in QUANTIZED_ENGINES if name in engines and float_rates}
+# (engine, over): the decode speed-ups the report states: rgemma's quantized weights over its float ones,
+# and rgemma over each reference implementation.
+RATIO_PAIRS = (*((name, "rgemma") for name in QUANTIZED_ENGINES), ("rgemma", "transformers"), ("rgemma", "official"))
+
+
+def decode_ratios(engines: dict) -> dict[tuple[str, str], dict[int, dict]]:
+    """Decode speed of each pair's engine over the other, by batch size: {"ratio": the median over rounds,
+    "rounds": each round's}. Within a round the engines ran one after the other."""
+    out = {}
+    for name, over in RATIO_PAIRS:
+        over_rows = {row["batch_size"]: row for row in engines.get(over, {}).get("decode", [])}
+        by_batch = {}
+        for row in engines.get(name, {}).get("decode", []):
+            if row["batch_size"] in over_rows:
+                ratios = [slow / fast for slow, fast in zip(over_rows[row["batch_size"]]["rounds_step_seconds"],
+                                                            row["rounds_step_seconds"])]
+                by_batch[row["batch_size"]] = {"ratio": statistics.median(ratios), "rounds": ratios}
+        if by_batch:
+            out[name, over] = by_batch
+    return out
 
 
 # Report ------------------------------------------------------------------------------
@@ -836,12 +888,15 @@ def report(results: dict) -> str:
     gemm = ", ".join([f"{k} {v / 1e9:.3g}" for k, v in roof["matmul"]["by_dtype"].items()]
                      + [f"{k} not native here, not measured" for k in roof["matmul"]["not_native"]])
     engines = results["engines"]
+    rounds = f", the median round of {settings['rounds']}" if settings["rounds"] > 1 else ""
+    speeds = roof["bandwidth"]["rounds_bytes_per_s"]
+    rounds_bandwidth = f", the median of rounds {', '.join(f'{v / 1e9:.1f}' for v in speeds)}" if len(speeds) > 1 else ""
     out = [
         f"rgemma bench: {model['source']}, {model['dtype']}, {machine['device']} ({machine['cpu_capability']}), "
         f"{machine['threads']} threads, torch {machine['torch']}",
         f"weights: {model['parameters']:,} parameters, {_gib(model['weight_bytes'])} GiB; "
         f"state {_mib(model['state_bytes_per_sequence'])} MiB per sequence in {model['dtype']}",
-        f"roofline: read bandwidth {roof['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s ({probes}); "
+        f"roofline: read bandwidth {roof['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s ({probes}{rounds_bandwidth}); "
         f"GEMM {'x'.join(map(str, roof['matmul']['shape']))} GFLOP/s: {gemm}",
         "",
         "load, each engine in its own process",
@@ -858,13 +913,16 @@ def report(results: dict) -> str:
                                     f"{100 * r['roofline_fraction']:.0f}"])
     out += _section(
         f"decode, greedy, after a {min(settings['prompt_lengths'])}-token prompt, median of {settings['decode_steps']} "
-        "steps; roofline: weights + batch x rgemma state read once per step",
+        f"steps{rounds}; roofline: weights + batch x rgemma state read once per step",
         ["batch", "engine", "tokens/s", "ms/token", memory_name, "cache MiB", "% roofline"], engines, "decode",
         "batch_size", lambda r: [f"{r['tokens_per_s']:.2f}", f"{r['latency_ms']:.1f}", _gib(r[memory]),
                                  _mib(r["cache_bytes"]), f"{100 * r['roofline_fraction']:.0f}"])
-    for name, ratios in quantized_speedups(engines).items():
-        out.append(f"{name} decode over rgemma's {model['dtype']} weights: "
-                   + ", ".join(f"{ratio:.2f}x at batch {batch}" for batch, ratio in ratios.items()))
+    for (name, over), by_batch in decode_ratios(engines).items():
+        against = f"rgemma's {model['dtype']} weights" if over == "rgemma" else over
+        out.append(f"{name} decode over {against}: " + ", ".join(
+            f"{r['ratio']:.2f}x at batch {batch}"
+            + (f" (rounds: {', '.join(f'{x:.2f}' for x in r['rounds'])})" if len(r["rounds"]) > 1 else "")
+            for batch, r in by_batch.items()))
     same = results["agreement"]
     agree = {True: "agree", False: "DIFFER", None: "(fewer than two float engines)"}[same["greedy_tokens_agree"]]
     checks = "; ".join(f"{name} {e['check']['tokens']}" for name, e in engines.items()
@@ -945,6 +1003,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-sizes", default="1,4", help="decode batch sizes")
     parser.add_argument("--decode-steps", type=int, default=16, help="timed greedy steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="decode this many times, the engines taking turns, and report each engine's median "
+                             "round and every round's speed-ups: the bandwidth drifts between engines; default 1")
     parser.add_argument("--prefill-repeats", type=int, default=1,
                         help="read each prompt this many times and keep the fastest: the first read in a process "
                              "also pays one-off costs (kernel compilation, library set-up); default 1")

@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     # One thread: a tiny model gains nothing from more, and the tests share the machine.
     args = ["--preset", "tiny", "--dtype", "float32", "--engines", ",".join(ENGINES),
             "--prompt-lengths", "16,32", "--batch-sizes", "1,2",
-            "--decode-steps", "3", "--warmup", "1", "--prefill-repeats", "2", "--threads", "1",
+            "--decode-steps", "3", "--warmup", "1", "--prefill-repeats", "2", "--rounds", "2", "--threads", "1",
             "--json", out / "bench.json"]
     if HAS_MATPLOTLIB:
         args += ["--plot", out / "bench.png"]
@@ -61,24 +61,34 @@ def test_every_engine_is_measured(run):
                         "cache_bytes", "roofline_seconds", "roofline_fraction"):
                 assert positive(row[key]), (name, key, row)
             assert row["context"] == 16
+            # Two rounds, the engines taking turns; the row is the median round's (the lower of two).
+            assert len(row["rounds_step_seconds"]) == 2 and all(map(positive, row["rounds_step_seconds"]))
+            assert row["step_seconds_median"] == min(row["rounds_step_seconds"])
         assert stdout.count(f"\n{name} ") >= 1
     assert "prefill, batch 1, best of 2" in stdout and results["settings"]["prefill_repeats"] == 2
     decode = results["engines"]["rgemma"]["decode"]
     assert decode[1]["cache_bytes"] == 2 * decode[0]["cache_bytes"] == 2 * results["model"]["state_bytes_per_sequence"]
 
 
-def test_quantized_engines_are_compared_with_float_rgemma(run):
+def test_decode_speedups_are_stated_round_by_round(run):
+    """Quantized rgemma over its float weights, rgemma over each reference: every round's ratio of step times,
+    and their median."""
     stdout, results, _ = run
     engines = results["engines"]
-    ratios = bench.quantized_speedups(engines)
-    assert list(ratios) == ["rgemma-int8", "rgemma-int4"]
-    for name, by_batch in ratios.items():
+    ratios = bench.decode_ratios(engines)
+    assert list(ratios) == [("rgemma-int8", "rgemma"), ("rgemma-int4", "rgemma"), ("rgemma", "transformers"),
+                            ("rgemma", "official")]
+    for (name, over), by_batch in ratios.items():
         assert list(by_batch) == [1, 2]
         for batch, ratio in by_batch.items():
-            rates = [next(r["tokens_per_s"] for r in engines[e]["decode"] if r["batch_size"] == batch)
-                     for e in (name, "rgemma")]
-            assert ratio == pytest.approx(rates[0] / rates[1])
-        assert f"{name} decode over rgemma's float32 weights: {by_batch[1]:.2f}x at batch 1" in stdout
+            seconds = [next(r["rounds_step_seconds"] for r in engines[e]["decode"] if r["batch_size"] == batch)
+                       for e in (name, over)]
+            assert ratio["rounds"] == pytest.approx([slow / fast for fast, slow in zip(*seconds)])
+            assert ratio["ratio"] == pytest.approx(sum(ratio["rounds"]) / 2)  # the median of two
+        against = "rgemma's float32 weights" if over == "rgemma" else over
+        rounds = ", ".join(f"{x:.2f}" for x in by_batch[1]["rounds"])
+        assert f"{name} decode over {against}: {by_batch[1]['ratio']:.2f}x at batch 1 (rounds: {rounds})" in stdout
+    for name in bench.QUANTIZED_ENGINES:
         # Their top tokens are compared with rgemma's (random weights: nearly equal logits, any overlap).
         top = results["agreement"]["top"][name]
         assert top["against"] == "rgemma" and top["of"] == bench.CHECK_TOP and 0 <= top["shared"] <= bench.CHECK_TOP
@@ -90,6 +100,8 @@ def test_roofline_is_measured_in_the_same_run(run):
     bandwidth, matmul = results["roofline"]["bandwidth"], results["roofline"]["matmul"]
     assert positive(bandwidth["bytes_per_s"]) and "torch_sum" in bandwidth["probes"]
     assert bandwidth["bytes_per_s"] == max(bandwidth["probes"].values())
+    # Measured again before each round; the roofline takes the median round's (the lower of two).
+    assert len(bandwidth["rounds_bytes_per_s"]) == 2 and bandwidth["bytes_per_s"] == min(bandwidth["rounds_bytes_per_s"])
     assert positive(matmul["flops_per_s"]) and positive(matmul["by_dtype"]["float32"])
     config = rgemma.Config.preset("tiny")
     assert matmul["shape"] == [32, config.width, config.mlp_width]
@@ -176,6 +188,7 @@ def test_context_growth(tmp_path, monkeypatch, one_thread):
     (["--preset", "tiny", "--engines", "rgemma,vllm"], "--engines: unknown vllm"),
     (["--preset", "tiny", "--decode-steps", "0"], "--decode-steps must be at least 1"),
     (["--preset", "tiny", "--prefill-repeats", "0"], "--prefill-repeats must be at least 1"),
+    (["--preset", "tiny", "--rounds", "0"], "--rounds must be at least 1"),
 ])
 def test_bad_arguments_are_one_line(capsys, args, message):
     assert main(["bench", *args]) == 1
