@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 
 from rgemma import kernels
-from rgemma.model import Griffin, Linear, rope_frequencies
+from rgemma.model import Embedding, Griffin, Linear, rope_frequencies
 from rgemma.quantize import Int8Linear
 from rgemma.state import RecurrentState, State
 
@@ -58,7 +58,7 @@ class _CapturedStep:
 
 
 class _NativeStep:
-    """`model.step` on a CPU: the embedding and the logits in torch, every residual block in one native call."""
+    """`model.step` on a CPU: one native call, from the tokens' embedding to the soft-capped logits."""
 
     def __init__(self, model: Griffin):
         self.model = model
@@ -69,14 +69,13 @@ class _NativeStep:
         """A CPU model computing in float32 whose linear layers are all in formats the Decoder reads."""
         if model.device.type != "cpu" or model.activation_dtype != torch.float32 or kernels.native() is None:
             return False
-        for layer in model.layers:
-            for module in layer.modules():
-                if isinstance(module, Linear) and not (
-                    module.weight.dtype in (torch.float32, torch.bfloat16) and module.weight.is_contiguous()
-                ):
-                    return False
-                if isinstance(module, Int8Linear) and not module._fits_kernel():
-                    return False
+        for module in (model.embed_tokens, *(m for layer in model.layers for m in layer.modules())):
+            if isinstance(module, (Linear, Embedding)) and not (
+                module.weight.dtype in (torch.float32, torch.bfloat16) and module.weight.is_contiguous()
+            ):
+                return False
+            if isinstance(module, Int8Linear) and not module._fits_kernel():
+                return False
         return True
 
     @staticmethod
@@ -97,18 +96,19 @@ class _NativeStep:
         if self._decoder is None or not self._decoder.is_current():
             model, config = self.model, self.model.config
             blocks = [dict(layer.state_dict(keep_vars=True)) for layer in model.layers]
+            head = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()
+                    if not name.startswith("layers.")}  # embed_tokens.*, final_norm.weight
             self._decoder = kernels.native().Decoder(
-                blocks, config.norm_eps, rope_frequencies(config.head_dim, config.rope_base, model.device)
+                blocks, config.norm_eps, rope_frequencies(config.head_dim, config.rope_base, model.device),
+                head, config.embedding_scale, config.logits_soft_cap,
             )
         return self._decoder
 
     def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        model = self.model
         positions = state.position.contiguous()  # (B,)
-        x = model.embed(tokens[:, 0])  # (B, D)
-        hidden = self._current_decoder().run(x.contiguous(), positions, state.layer_tensors())
+        logits = self._current_decoder().step(tokens[:, 0].contiguous(), positions, state.layer_tensors())
         state.position = positions + 1
-        return model.logits(model.final_norm(hidden)), state
+        return logits, state
 
 
 class DecodeStep:

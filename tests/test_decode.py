@@ -1,15 +1,18 @@
 """The CPU decoding step: the native Decoder against the model's own forward.
 
-`DecodeStep` runs every residual block of a CPU step in one native call
-(rgemma/csrc/cpu_kernels.cpp, `Decoder`); the model's modules compute the
-same network with torch operations. Float weights must agree to float32
-rounding over many steps. Quantized weights are compared block by block on
-the same inputs: there the activations are quantized to int8 before each
-product, so a last-bit difference upstream (our tanh against torch's) can
-move one activation by a whole quantization step, up to about 5e-3 of a
-block's output at these widths. So most blocks must agree to float32
-rounding, and every block within a few such steps; a misread format is off
-by the whole output.
+`DecodeStep` runs a CPU step in one native call (rgemma/csrc/cpu_kernels.cpp,
+`Decoder`): the embedding, every residual block, the final norm and the
+soft-capped tied output layer; the model's modules compute the same network
+with torch operations. Float weights must agree to float32 rounding over many
+steps. Quantized weights are compared part by part on the same inputs: there
+the activations are quantized to int8 before each product, so a last-bit
+difference upstream (our tanh against torch's) can move one activation by a
+whole quantization step, up to about 5e-3 of a block's output at these
+widths, and a random int4 network amplifies such a step hundreds of times
+over three blocks (in the model's own forward too). So most blocks must agree
+to float32 rounding, every block within a few such steps, and the embedding
+and output layer to float32 rounding; a misread format is off by the whole
+output.
 """
 
 import pytest
@@ -112,17 +115,43 @@ def test_native_blocks_equal_the_modules_on_quantized_weights(bits, width):
         assert relative_error(got.double(), want.double()) < 2e-2
 
 
-def test_native_step_follows_weights_changed_in_place():
-    griffin = model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_native_embedding_and_logits_equal_the_model(bits, dtype):
+    """A Decoder with no blocks: the embedding's rows, the final norm, the tied output layer and the soft cap,
+    in every weight format (int4 rows padded to whole groups)."""
+    griffin = model(dtype, bits)
+    cfg = griffin.config
+    head = {name: t for name, t in griffin.state_dict(keep_vars=True).items() if not name.startswith("layers.")}
+    decoder = kernels.native().Decoder([], cfg.norm_eps, rope_frequencies(cfg.head_dim, cfg.rope_base, "cpu"), head,
+                                       cfg.embedding_scale, cfg.logits_soft_cap)
+    tokens = torch.tensor([0, 7, cfg.vocab_size - 1])
+    with torch.no_grad():
+        logits = decoder.step(tokens, torch.zeros(3, dtype=torch.long), [])
+        expected = griffin.logits(griffin.final_norm(griffin.embed(tokens)))
+    assert relative_error(logits, expected) < 2e-6
+    with pytest.raises(RuntimeError, match=f"token {cfg.vocab_size} is outside the vocabulary of {cfg.vocab_size}"):
+        decoder.step(torch.tensor([cfg.vocab_size]), torch.zeros(1, dtype=torch.long), [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("changed", ["blocks", "final norm"])
+def test_native_step_follows_weights_changed_in_place(changed, dtype):
+    """The Decoder keeps float32 copies of bfloat16 norms and biases (float32 ones it shares), so it must see
+    in-place changes and build itself again."""
+    griffin = model(dtype)
     step = DecodeStep(griffin)
     tokens, state = prefilled(griffin)
     expected_state = state.clone()
     with torch.no_grad():
         step(tokens[:, :1], state)
         griffin(tokens[:, :1], state=expected_state)
-        for layer in griffin.layers:  # small weights, of which the Decoder keeps float32 copies
-            layer.channel_pre_norm.weight.add_(0.5)
-            layer.mlp_block.down_proj.bias.add_(0.1)
+        if changed == "blocks":
+            for layer in griffin.layers:
+                layer.channel_pre_norm.weight.add_(0.5)
+                layer.mlp_block.down_proj.bias.add_(0.1)
+        else:
+            griffin.final_norm.weight.add_(0.5)
         logits, _ = step(tokens[:, 1:2], state)
         expected, _ = griffin(tokens[:, 1:2], state=expected_state)
     assert relative_error(logits, expected[:, -1]) < 1e-5

@@ -254,26 +254,23 @@ Job block_diagonal_job(const float* x, Eights w, int64_t M, int64_t H, int64_t I
   }};
 }
 
-// The job of y (M, H, J) = x (M, H, I) @ w (H, I, J) per head, for w float32 or bfloat16.
-Job block_diagonal_job(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
+// The job of y (M, H, J) = x (M, H, I) @ w (H, I, J) per head, for a contiguous
+// w, float32 or bfloat16.
+Job block_diagonal_job(const float* x, const torch::Tensor& w, int64_t M, float* y) {
+  const int64_t H = w.size(0), I = w.size(1), J = w.size(2);
+  if (w.scalar_type() == torch::kBFloat16)
+    return block_diagonal_job(x, BFloat16Eights{w.data_ptr<at::BFloat16>()}, M, H, I, J, y);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32, "block-diagonal weights must be float32 or bfloat16");
+  return block_diagonal_job(x, Float32Eights{w.data_ptr<float>()}, M, H, I, J, y);
+}
+
+torch::Tensor block_diagonal_linear(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous float32 (M, H, I) tensor");
   TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && w.size(0) == x.size(1) && w.size(1) == x.size(2),
               "weight must be a contiguous (H, I, J) tensor matching x (M, H, I)");
-  const int64_t M = x.size(0), H = w.size(0), I = w.size(1), J = w.size(2);
-  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.sizes() == torch::IntArrayRef({M, H, J}),
-              "block-diagonal output must be a contiguous float32 (M, H, J) tensor");
-  if (w.scalar_type() == torch::kBFloat16)
-    return block_diagonal_job(x.data_ptr<float>(), BFloat16Eights{w.data_ptr<at::BFloat16>()}, M, H, I, J,
-                              y.data_ptr<float>());
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32, "block-diagonal weights must be float32 or bfloat16");
-  return block_diagonal_job(x.data_ptr<float>(), Float32Eights{w.data_ptr<float>()}, M, H, I, J, y.data_ptr<float>());
-}
-
-torch::Tensor block_diagonal_linear(const torch::Tensor& x, const torch::Tensor& w) {
-  TORCH_CHECK(x.dim() == 3 && w.dim() == 3, "block_diagonal_linear takes x (M, H, I) and w (H, I, J)");
   auto y = torch::empty({x.size(0), w.size(0), w.size(2)}, x.options());
-  run_jobs({block_diagonal_job(x, w, y)});
+  run_jobs({block_diagonal_job(x.data_ptr<float>(), w, x.size(0), y.data_ptr<float>())});
   return y;
 }
 
@@ -582,21 +579,52 @@ struct Linear {
       for (int64_t n = 0; n < N; ++n) y[m * N + n] += b[n];
   }
 
-  torch::Tensor operator()(const torch::Tensor& x) const { return apply_all({this}, x)[0]; }
-
-  // The products of several layers reading the same x (M, width), in one parallel region.
-  static std::vector<torch::Tensor> apply_all(const std::vector<const Linear*>& linears, const torch::Tensor& x) {
+  torch::Tensor operator()(const torch::Tensor& x) const {
     check_x(x);
-    Input input(x.data_ptr<float>(), x.size(0), x.size(1));
-    std::vector<torch::Tensor> ys;
+    auto y = torch::empty({x.size(0), N}, x.options());
+    apply_all({{this, y.data_ptr<float>()}}, x.data_ptr<float>(), x.size(0), x.size(1));
+    return y;
+  }
+
+  // The products of several layers reading the same x (M, width), each into
+  // its y (M, N), in one parallel region.
+  static void apply_all(const std::vector<std::pair<const Linear*, float*>>& products, const float* x, int64_t M,
+                        int64_t width) {
+    Input input(x, M, width);
     std::vector<Job> jobs;
-    for (const Linear* linear : linears) {
-      ys.push_back(torch::empty({x.size(0), linear->N}, x.options()));
-      jobs.push_back(linear->job(input, ys.back().data_ptr<float>()));
-    }
+    for (const auto& [linear, y] : products) jobs.push_back(linear->job(input, y));
     run_jobs(jobs);
-    for (size_t i = 0; i < linears.size(); ++i) linears[i]->add_bias(ys[i].data_ptr<float>(), x.size(0));
-    return ys;
+    for (const auto& [linear, y] : products) linear->add_bias(y, M);
+  }
+
+  // Row n of W, its first `width` inputs, as float32 (an embedding's lookup).
+  void row(int64_t n, int64_t width, float* out) const {
+    TORCH_CHECK(n >= 0 && n < N, "token ", n, " is outside the vocabulary of ", N);
+    switch (weight.scalar_type()) {
+      case torch::kBFloat16:
+        for (int64_t k = 0; k < width; ++k) out[k] = static_cast<float>(weight.data_ptr<at::BFloat16>()[n * K + k]);
+        break;
+      case torch::kFloat32:
+        std::copy_n(weight.data_ptr<float>() + n * K, width, out);
+        break;
+      case torch::kInt8: {
+        const int8_t* q = weight.data_ptr<int8_t>() + n * K;
+        const float s = scale.data_ptr<float>()[n];
+        for (int64_t k = 0; k < width; ++k) out[k] = static_cast<float>(q[k]) * s;
+        break;
+      }
+      default: {  // int4: input i of each block of 64 in its byte's low nibble, i + 32 in the high one
+        const uint8_t* q = weight.data_ptr<uint8_t>() + n * (K / 2);
+        const at::Half* s = scale.data_ptr<at::Half>() + n * (K / group);
+        const at::Half* mn = minimum.data_ptr<at::Half>() + n * (K / group);
+        for (int64_t k = 0; k < width; ++k) {
+          const int64_t block = k / Int4Row::kInputs, i = k % Int4Row::kInputs, half = Int4Row::kInputs / 2;
+          const uint8_t byte = q[block * half + i % half];
+          const int nibble = i < half ? byte & 0x0F : byte >> 4;
+          out[k] = static_cast<float>(nibble) * static_cast<float>(s[k / group]) + static_cast<float>(mn[k / group]);
+        }
+      }
+    }
   }
 };
 
@@ -761,14 +789,14 @@ torch::Tensor attend_few(const torch::Tensor& q, const std::vector<torch::Tensor
   return attend_few_of<Float32Eights>(q, keys, values, visible, scale);
 }
 
-// attention_step for a ring of keys and values read by Eights: no torch
+// attention_rows for a ring of keys and values read by Eights: no torch
 // operation, whose fixed costs came to 0.17 ms per step of a 2b attention block.
 template <typename Eights>
-torch::Tensor attention_step_typed(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                   torch::Tensor& ring_k, torch::Tensor& ring_v, torch::Tensor& ring_pos,
-                                   const int64_t* position, const float* frequency, float scale) {
+void attention_rows_typed(const float* q_in, const float* k_in, const float* v_in, int64_t M, int64_t H, int64_t K,
+                          torch::Tensor& ring_k, torch::Tensor& ring_v, torch::Tensor& ring_pos,
+                          const int64_t* position, const float* frequency, float scale, float* out) {
   using T = std::remove_const_t<std::remove_pointer_t<decltype(Eights::w)>>;
-  const int64_t M = q.size(0), H = q.size(1), K = q.size(2), W = ring_k.size(1), half = K / 4;
+  const int64_t W = ring_k.size(1), half = K / 4;
   std::vector<float> sin(half), cos(half);  // of one row's angles, which its heads and key share
   auto rope = [&](float* x) {
     for (int64_t i = 0; i < half; ++i) {
@@ -777,7 +805,6 @@ torch::Tensor attention_step_typed(const torch::Tensor& q, const torch::Tensor& 
       x[half + i] = second * cos[i] + first * sin[i];
     }
   };
-  const float *q_in = q.data_ptr<float>(), *k_in = k.data_ptr<float>(), *v_in = v.data_ptr<float>();
   std::vector<float> rq(q_in, q_in + M * H * K), rk(k_in, k_in + M * K);  // turned by RoPE
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t i = 0; i < half; ++i) {
@@ -801,11 +828,10 @@ torch::Tensor attention_step_typed(const torch::Tensor& q, const torch::Tensor& 
     }
   }
   T *keys = ring_k.data_ptr<T>(), *values = ring_v.data_ptr<T>();
-  auto out = torch::empty_like(q);
   attend_few_typed<Eights>(rq.data(), M, 1, H, K,
                            std::vector<KeyPart<T>>{{keys, values, visible.get(), W},
                                                    {new_k.data(), new_v.data(), new_visible.get(), 1}},
-                           scale, out.data_ptr<float>());
+                           scale, out);
   for (int64_t m = 0; m < M; ++m) {
     if (position[m] == 0) std::fill(ring + m * W, ring + (m + 1) * W, -1);
     const int64_t slot = position[m] % W;
@@ -813,46 +839,55 @@ torch::Tensor attention_step_typed(const torch::Tensor& q, const torch::Tensor& 
     std::copy(new_v.begin() + m * K, new_v.begin() + (m + 1) * K, values + (m * W + slot) * K);
     ring[m * W + slot] = position[m];
   }
-  return out;
 }
 
 // One attention step for each row (decoding), with the state's ring buffer:
-// q (M, H, K), k and v (M, K) float32 of the new token at `positions` (M);
+// q (M, H, K), k and v (M, K) float32 of the new token at `position` (M);
 // ring keys and values (M, W, K), float32 or bfloat16, slot = position % W,
 // and their positions (M, W), -1 where empty. RoPE turns pairs (i, i + K/4)
-// of the first half of each head by position x inverse_frequency[i] (K/4
-// float32); the query then attends to the ring keys of its
-// own document within the window and to the new key; then the new key and
-// value take their slot, and a row at position 0 first forgets the ring.
+// of the first half of each head by position x frequency[i] (K/4 float32);
+// the query then attends to the ring keys of its own document within the
+// window and to the new key; then the new key and value take their slot, and
+// a row at position 0 first forgets the ring. -> out (M, H, K).
+void attention_rows(const float* q, const float* k, const float* v, int64_t M, int64_t H, int64_t K,
+                    torch::Tensor& ring_k, torch::Tensor& ring_v, torch::Tensor& ring_pos, const int64_t* position,
+                    const float* frequency, float scale, float* out) {
+  const int64_t W = ring_k.size(1);
+  for (const torch::Tensor* t : {&ring_k, &ring_v})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == ring_k.scalar_type() &&
+                    t->sizes() == torch::IntArrayRef({M, W, K}),
+                "attention: the ring's keys and values must be contiguous (", M, ", W, ", K,
+                ") tensors of one dtype");
+  TORCH_CHECK(ring_pos.scalar_type() == torch::kInt64 && ring_pos.is_contiguous() &&
+                  ring_pos.sizes() == torch::IntArrayRef({M, W}),
+              "attention: the ring's positions must be a contiguous int64 (M, W) tensor");
+  TORCH_CHECK(ring_k.scalar_type() == torch::kFloat32 || ring_k.scalar_type() == torch::kBFloat16,
+              "attention: the ring must be float32 or bfloat16");
+  const auto typed = ring_k.scalar_type() == torch::kBFloat16 ? attention_rows_typed<BFloat16Eights>
+                                                              : attention_rows_typed<Float32Eights>;
+  typed(q, k, v, M, H, K, ring_k, ring_v, ring_pos, position, frequency, scale, out);
+}
+
+// attention_rows on tensors, inverse_frequency (K / 4) -> out (M, H, K).
 torch::Tensor attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                              torch::Tensor& ring_k, torch::Tensor& ring_v, torch::Tensor& ring_pos,
                              const torch::Tensor& positions, const torch::Tensor& inverse_frequency,
                              double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
               "attention_step: q must be a contiguous float32 (M, H, K) tensor");
-  const int64_t M = q.size(0), H = q.size(1), K = q.size(2), W = ring_k.size(1);
+  const int64_t M = q.size(0), H = q.size(1), K = q.size(2);
   for (const torch::Tensor* t : {&k, &v})
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->sizes() == torch::IntArrayRef({M, K}),
                 "attention_step: k and v must be contiguous float32 (M, K) tensors");
-  for (const torch::Tensor* t : {&ring_k, &ring_v})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == ring_k.scalar_type() &&
-                    t->sizes() == torch::IntArrayRef({M, W, K}),
-                "attention_step: the ring's keys and values must be contiguous (M, W, K) tensors of one dtype");
-  TORCH_CHECK(ring_pos.scalar_type() == torch::kInt64 && ring_pos.is_contiguous() &&
-                  ring_pos.sizes() == torch::IntArrayRef({M, W}),
-              "attention_step: the ring's positions must be a contiguous int64 (M, W) tensor");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == M,
               "attention_step: positions must be int64 with one value per row");
-  const int64_t half = K / 4;
   TORCH_CHECK(inverse_frequency.scalar_type() == torch::kFloat32 && inverse_frequency.is_contiguous() &&
-                  inverse_frequency.numel() == half,
+                  inverse_frequency.numel() == K / 4,
               "attention_step: inverse_frequency must be contiguous float32 with K / 4 values");
-  const int64_t* position = positions.data_ptr<int64_t>();
-  const float* frequency = inverse_frequency.data_ptr<float>();
-  if (ring_k.scalar_type() == torch::kBFloat16)
-    return attention_step_typed<BFloat16Eights>(q, k, v, ring_k, ring_v, ring_pos, position, frequency, scale);
-  TORCH_CHECK(ring_k.scalar_type() == torch::kFloat32, "attention_step: the ring must be float32 or bfloat16");
-  return attention_step_typed<Float32Eights>(q, k, v, ring_k, ring_v, ring_pos, position, frequency, scale);
+  auto out = torch::empty_like(q);
+  attention_rows(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), M, H, K, ring_k, ring_v, ring_pos,
+                 positions.data_ptr<int64_t>(), inverse_frequency.data_ptr<float>(), scale, out.data_ptr<float>());
+  return out;
 }
 
 // Element-wise decode steps ----------------------------------------------------------
@@ -934,6 +969,27 @@ void gelu_times(float* a, const float* b, int64_t n) {
 }
 
 
+// cap * tanh(v / cap), with tanh(t) = (1 - exp(-2|t|)) / (1 + exp(-2|t|)) and t's
+// sign, precise as t -> 0 (one_minus_exp8).
+inline __m256 soft_cap8(__m256 v, __m256 cap) {
+  const __m256 t = _mm256_div_ps(v, cap), sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256 e = one_minus_exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign_bit, t)));
+  const __m256 tanh = _mm256_div_ps(e, _mm256_sub_ps(_mm256_set1_ps(2.0f), e));
+  return _mm256_mul_ps(_mm256_or_ps(tanh, _mm256_and_ps(t, sign_bit)), cap);
+}
+
+// x[i] = cap * tanh(x[i] / cap) for i < n (the logits, in place), in parallel.
+void soft_cap(float* x, int64_t n, float cap) {
+  constexpr int64_t kChunk = 4096;
+  run_jobs({{(n + kChunk - 1) / kChunk, 4, [=](int64_t begin, int64_t end) {
+    const __m256 caps = _mm256_set1_ps(cap);
+    const int64_t stop = std::min(n, end * kChunk);
+    int64_t i = begin * kChunk;
+    for (; i + 8 <= stop; i += 8) _mm256_storeu_ps(x + i, soft_cap8(_mm256_loadu_ps(x + i), caps));
+    for (; i < stop; ++i) x[i] = _mm256_cvtss_f32(soft_cap8(_mm256_set1_ps(x[i]), caps));
+  }}});
+}
+
 // x (M, D) float32, weight (D) float32 or bfloat16, stored zero-centred -> x / rms(x) * (1 + weight).
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   check_x(x);
@@ -1014,14 +1070,13 @@ inline __m256 rglru8(const float* x, const float* input_gate, const float* recur
 // One RG-LRU step for each row (Griffin eq. 1-4, c = 8): x (M, L) and the state
 // h (M, L) -> the new state, written to out (which may be h). A row at position
 // 0 starts a document, which drops its state and lets its input pass whole.
-void rglru_rows(const torch::Tensor& x, const RGLRUWeights& w, const float* h, const int64_t* position, float* out) {
-  const int64_t M = x.size(0), L = x.size(1), H = w.input_gate_weight.size(0);
-  const torch::Tensor heads = x.view({M, H, L / H});
-  torch::Tensor input_gate = torch::empty_like(heads), recurrence_gate = torch::empty_like(heads);  // square gates
-  run_jobs({block_diagonal_job(heads, w.input_gate_weight, input_gate),
-            block_diagonal_job(heads, w.recurrence_gate_weight, recurrence_gate)});
-  const float *xs = x.data_ptr<float>(), *gi = input_gate.data_ptr<float>(), *ga = recurrence_gate.data_ptr<float>(),
-              *bi = w.input_gate_bias.data_ptr<float>(), *ba = w.recurrence_gate_bias.data_ptr<float>(),
+// gi and ga (M, L) take the gates' products.
+void rglru_rows(const float* xs, int64_t M, const RGLRUWeights& w, const float* h, const int64_t* position, float* gi,
+                float* ga, float* out) {
+  const int64_t L = w.log_a_rate.numel();
+  run_jobs({block_diagonal_job(xs, w.input_gate_weight, M, gi),  // x as (M, H, L/H) heads
+            block_diagonal_job(xs, w.recurrence_gate_weight, M, ga)});
+  const float *bi = w.input_gate_bias.data_ptr<float>(), *ba = w.recurrence_gate_bias.data_ptr<float>(),
               *rate = w.log_a_rate.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const bool reset = position[m] == 0;
@@ -1072,8 +1127,9 @@ torch::Tensor rglru_step(const torch::Tensor& x, const torch::Tensor& input_gate
               "rglru_step: h must be a contiguous float32 tensor shaped as x");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == x.size(0),
               "rglru_step: positions must be int64 with one value per row");
-  auto out = torch::empty_like(x);
-  rglru_rows(x, weights, h.data_ptr<float>(), positions.data_ptr<int64_t>(), out.data_ptr<float>());
+  auto out = torch::empty_like(x), input_gate = torch::empty_like(x), recurrence_gate = torch::empty_like(x);
+  rglru_rows(x.data_ptr<float>(), x.size(0), weights, h.data_ptr<float>(), positions.data_ptr<int64_t>(),
+             input_gate.data_ptr<float>(), recurrence_gate.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
 
@@ -1081,11 +1137,15 @@ torch::Tensor rglru_step(const torch::Tensor& x, const torch::Tensor& input_gate
 //
 // After the element-wise steps were fused, a 2b step still spent about 40 ms
 // (a quarter of an int4 step) in Python and in torch's fixed cost per
-// operation, between the weight products. The Decoder runs every residual
-// block of a step in one call: rgemma/model.py computes the same network, and
-// the tests compare the two step by step. The weights are the model's own
-// tensors, found by their names in each block's state dict; the small ones
-// (norms, biases, conv taps) are kept as float32 copies.
+// operation, between the weight products. The Decoder runs a whole step in
+// one call, from the tokens' embedding to the soft-capped logits:
+// rgemma/model.py computes the same network, and the tests compare the two
+// step by step. The weights are the model's own tensors, found by their names
+// in each block's state dict; the small ones (norms, biases, conv taps) are
+// kept as float32 copies. Between two weight products no torch operation
+// runs, and the activations live in buffers kept from step to step: the
+// weights' stream has just emptied the caches, where each torch operation's
+// code and bookkeeping cost microseconds to bring back.
 
 using Tensors = std::unordered_map<std::string, torch::Tensor>;
 
@@ -1116,11 +1176,26 @@ Linear linear_named(const Tensors& tensors, const std::string& prefix) {
 
 class Decoder {
  public:
-  // blocks: each residual block's state dict; eps: the norms'; inverse_frequency: RoPE's (head_dim / 4).
-  Decoder(const std::vector<Tensors>& blocks, double eps, torch::Tensor inverse_frequency)
-      : eps_(eps), inverse_frequency_(inverse_frequency.to(torch::kFloat32).contiguous()) {
+  // blocks: each residual block's state dict; eps: the norms'; inverse_frequency:
+  // RoPE's (head_dim / 4). head, for `step`: the model's tensors outside the
+  // blocks (embed_tokens.*, the tied embedding in any linear format, and
+  // final_norm.weight), and the embedding's scale and the logits' soft cap (0: none).
+  Decoder(const std::vector<Tensors>& blocks, double eps, torch::Tensor inverse_frequency, const Tensors& head,
+          double embedding_scale, double soft_cap)
+      : eps_(eps), inverse_frequency_(inverse_frequency.to(torch::kFloat32).contiguous()),
+        embedding_scale_(embedding_scale), soft_cap_(soft_cap) {
+    remember(head);
+    if (!head.empty()) {
+      embedding_ = linear_named(head, "embed_tokens.");
+      final_norm_ = float_copy(head, "final_norm.weight");
+      width_ = final_norm_.numel();
+      // Quantized rows come back in the model's float dtype, as QuantizedEmbedding returns them.
+      const at::ScalarType stored = embedding_.weight.scalar_type();
+      const bool quantized = stored == torch::kInt8 || stored == torch::kUInt8;
+      row_dtype_ = quantized ? tensor_named(head, "final_norm.weight").scalar_type() : torch::kFloat32;
+    }
     for (const Tensors& t : blocks) {
-      for (const auto& named : t) sources_.push_back({named.second, named.second._version(), named.second.data_ptr()});
+      remember(t);
       Block block;
       block.temporal_norm = float_copy(t, "temporal_pre_norm.weight");
       block.channel_norm = float_copy(t, "channel_pre_norm.weight");
@@ -1143,8 +1218,14 @@ class Decoder {
         TORCH_CHECK(block.linear[1].N == inverse_frequency_.numel() * 4,
                     "Decoder: RoPE's frequencies do not match the head dim ", block.linear[1].N);
       }
+      TORCH_CHECK(width_ == 0 || width_ == block.temporal_norm.numel(), "Decoder: a block of width ",
+                  block.temporal_norm.numel(), " in a model of width ", width_);
+      width_ = block.temporal_norm.numel();
+      for (const Linear& linear : block.linear) widest_ = std::max(widest_, linear.N);
+      for (const Linear& linear : block.mlp) widest_ = std::max(widest_, linear.N);
       blocks_.push_back(std::move(block));
     }
+    widest_ = std::max(widest_, width_);
   }
 
   // Whether every tensor the Decoder was built from keeps the version and the
@@ -1160,22 +1241,34 @@ class Decoder {
   // or its attention state [keys, values (M, W, K), slot positions (M, W)],
   // updated in place. Returns the last block's output (M, D).
   torch::Tensor run(const torch::Tensor& x, const torch::Tensor& positions,
-                    const std::vector<std::vector<torch::Tensor>>& states) const {
+                    const std::vector<std::vector<torch::Tensor>>& states) {
     check_x(x);
-    TORCH_CHECK(states.size() == blocks_.size(), "Decoder: ", states.size(), " states for ", blocks_.size(), " blocks");
-    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == x.size(0),
-                "Decoder: positions must be int64 with one value per row");
+    TORCH_CHECK(x.size(1) == width_, "Decoder: x has ", x.size(1), " features, the blocks ", width_);
     auto residual = x.clone();
-    for (size_t b = 0; b < blocks_.size(); ++b) {
-      const Block& block = blocks_[b];
-      auto normed = torch::empty_like(residual);
-      norm(residual, block.temporal_norm, normed);
-      residual += block.recurrent ? recurrent(block, normed, positions, states[b])
-                                  : attention(block, normed, positions, states[b]);
-      norm(residual, block.channel_norm, normed);
-      residual += mlp(block, normed);
-    }
+    blocks(residual.data_ptr<float>(), x.size(0), check_positions(positions, x.size(0)), states);
     return residual;
+  }
+
+  // tokens (M) int64 at positions (M), states as for `run` -> the next tokens'
+  // logits (M, V) float32: embedding, every block, final norm, tied output
+  // layer, soft cap.
+  torch::Tensor step(const torch::Tensor& tokens, const torch::Tensor& positions,
+                     const std::vector<std::vector<torch::Tensor>>& states) {
+    TORCH_CHECK(final_norm_.defined(), "Decoder: built without the embedding and final norm, so it cannot step");
+    TORCH_CHECK(tokens.scalar_type() == torch::kInt64 && tokens.dim() == 1 && tokens.is_contiguous(),
+                "Decoder: tokens must be a contiguous int64 (M) tensor");
+    const int64_t M = tokens.size(0), D = width_;
+    const int64_t* position = check_positions(positions, M);
+    auto residual = torch::empty({M, D}, tokens.options().dtype(torch::kFloat32));
+    float* x = residual.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) embed(tokens.data_ptr<int64_t>()[m], x + m * D);
+    blocks(x, M, position, states);
+    float* normed = scratch(M).normed;
+    norm(x, final_norm_, M, normed);
+    auto logits = torch::empty({M, embedding_.N}, residual.options());
+    Linear::apply_all({{&embedding_, logits.data_ptr<float>()}}, normed, M, D);
+    if (soft_cap_ > 0) soft_cap(logits.data_ptr<float>(), logits.numel(), static_cast<float>(soft_cap_));
+    return logits;
   }
 
  private:
@@ -1188,52 +1281,11 @@ class Decoder {
     std::vector<Linear> mlp;  // gate, up, down
   };
 
-  void norm(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor& out) const {
-    rms_norm_rows(x.data_ptr<float>(), Float32Eights{weight.data_ptr<float>()}, x.size(0), x.size(1), eps_,
-                  out.data_ptr<float>());
-  }
-
-  torch::Tensor mlp(const Block& block, const torch::Tensor& x) const {
-    const auto gate_up = Linear::apply_all({&block.mlp[0], &block.mlp[1]}, x);
-    const torch::Tensor &gate = gate_up[0], &up = gate_up[1];
-    float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
-    gelu_times(g, u, gate.numel());
-    return block.mlp[2](gate);
-  }
-
-  torch::Tensor recurrent(const Block& block, const torch::Tensor& x, const torch::Tensor& positions,
-                          const std::vector<torch::Tensor>& state) const {
-    TORCH_CHECK(state.size() == 2, "Decoder: a recurrent block's state is [h, conv taps]");
-    const torch::Tensor &h = state[0], &taps = state[1];
-    const auto y_u = Linear::apply_all({&block.linear[0], &block.linear[1]}, x);
-    const torch::Tensor &y = y_u[0], &u = y_u[1];
-    const int64_t M = x.size(0), L = y.size(1), C = block.conv_weight.size(1) - 1;
-    TORCH_CHECK(h.scalar_type() == torch::kFloat32 && h.is_contiguous() && h.sizes() == y.sizes(),
-                "Decoder: h must be a contiguous float32 (M, L) tensor");
-    TORCH_CHECK(taps.scalar_type() == torch::kFloat32 && taps.is_contiguous() &&
-                    taps.sizes() == torch::IntArrayRef({M, C, L}),
-                "Decoder: conv taps must be a contiguous float32 (M, C, L) tensor");
-    auto conv = torch::empty_like(u);
-    conv_rows(u.data_ptr<float>(), M, L, taps.data_ptr<float>(), C, block.conv_weight.data_ptr<float>(),
-              block.conv_bias.data_ptr<float>(), positions.data_ptr<int64_t>(), conv.data_ptr<float>());
-    rglru_rows(conv, block.rglru, h.data_ptr<float>(), positions.data_ptr<int64_t>(), h.data_ptr<float>());
-    float* gated = y.data_ptr<float>();
-    const float* hs = h.data_ptr<float>();
-    gelu_times(gated, hs, y.numel());
-    return block.linear[2](y);
-  }
-
-  torch::Tensor attention(const Block& block, const torch::Tensor& x, const torch::Tensor& positions,
-                          const std::vector<torch::Tensor>& state) const {
-    TORCH_CHECK(state.size() == 3, "Decoder: an attention block's state is [keys, values, slot positions]");
-    const int64_t M = x.size(0), K = block.linear[1].N, H = block.linear[0].N / K;
-    const auto qkv = Linear::apply_all({&block.linear[0], &block.linear[1], &block.linear[2]}, x);
-    const torch::Tensor &q = qkv[0], &k = qkv[1], &v = qkv[2];
-    torch::Tensor ring_k = state[0], ring_v = state[1], ring_pos = state[2];
-    const auto out = attention_step(q.view({M, H, K}), k, v, ring_k, ring_v, ring_pos, positions, inverse_frequency_,
-                                    1.0 / std::sqrt(static_cast<double>(K)));
-    return block.linear[3](out.view({M, H * K}));
-  }
+  // One step's activations, M rows of at most widest_ values each, kept
+  // from one step to the next.
+  struct Scratch {
+    float *normed, *delta, *a, *b, *c, *d, *e;
+  };
 
   struct Source {
     torch::Tensor tensor;
@@ -1241,10 +1293,110 @@ class Decoder {
     const void* data;
   };
 
+  void remember(const Tensors& tensors) {
+    for (const auto& [name, tensor] : tensors) sources_.push_back({tensor, tensor._version(), tensor.data_ptr()});
+  }
+
+  Scratch scratch(int64_t M) {
+    const int64_t row = M * widest_;
+    if (static_cast<int64_t>(scratch_.size()) < 7 * row) scratch_.assign(7 * row, 0.0f);
+    float* p = scratch_.data();
+    return {p, p + row, p + 2 * row, p + 3 * row, p + 4 * row, p + 5 * row, p + 6 * row};
+  }
+
+  static const int64_t* check_positions(const torch::Tensor& positions, int64_t M) {
+    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == M,
+                "Decoder: positions must be int64 with one value per row");
+    return positions.data_ptr<int64_t>();
+  }
+
+  // The embedding of `token` into out (D): its row, in the dtype the model's
+  // embedding returns, times the embedding scale.
+  void embed(int64_t token, float* out) const {
+    embedding_.row(token, width_, out);
+    for (int64_t d = 0; d < width_; ++d) {
+      float value = out[d];
+      if (row_dtype_ == torch::kBFloat16) value = static_cast<float>(static_cast<at::BFloat16>(value));
+      if (row_dtype_ == torch::kFloat16) value = static_cast<float>(static_cast<at::Half>(value));
+      out[d] = value * static_cast<float>(embedding_scale_);
+    }
+  }
+
+  // residual (M, D) -> the last block's output, in place.
+  void blocks(float* residual, int64_t M, const int64_t* position,
+              const std::vector<std::vector<torch::Tensor>>& states) {
+    TORCH_CHECK(states.size() == blocks_.size(), "Decoder: ", states.size(), " states for ", blocks_.size(), " blocks");
+    const Scratch s = scratch(M);
+    const int64_t n = M * width_;
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+      const Block& block = blocks_[b];
+      norm(residual, block.temporal_norm, M, s.normed);
+      if (block.recurrent)
+        recurrent(block, s, M, position, states[b]);
+      else
+        attention(block, s, M, position, states[b]);
+      for (int64_t i = 0; i < n; ++i) residual[i] += s.delta[i];
+      norm(residual, block.channel_norm, M, s.normed);
+      mlp(block, s, M);
+      for (int64_t i = 0; i < n; ++i) residual[i] += s.delta[i];
+    }
+  }
+
+  void norm(const float* x, const torch::Tensor& weight, int64_t M, float* out) const {
+    rms_norm_rows(x, Float32Eights{weight.data_ptr<float>()}, M, width_, eps_, out);
+  }
+
+  // s.normed (M, D) -> s.delta (M, D).
+  void mlp(const Block& block, const Scratch& s, int64_t M) const {
+    const Linear &gate = block.mlp[0], &up = block.mlp[1];
+    Linear::apply_all({{&gate, s.a}, {&up, s.b}}, s.normed, M, width_);
+    gelu_times(s.a, s.b, M * gate.N);
+    Linear::apply_all({{&block.mlp[2], s.delta}}, s.a, M, gate.N);
+  }
+
+  // s.normed (M, D) -> s.delta (M, D); the state [h, conv taps] moves on.
+  void recurrent(const Block& block, const Scratch& s, int64_t M, const int64_t* position,
+                 const std::vector<torch::Tensor>& state) const {
+    TORCH_CHECK(state.size() == 2, "Decoder: a recurrent block's state is [h, conv taps]");
+    const torch::Tensor &h = state[0], &taps = state[1];
+    const int64_t L = block.linear[0].N, C = block.conv_weight.size(1) - 1;
+    TORCH_CHECK(h.scalar_type() == torch::kFloat32 && h.is_contiguous() && h.sizes() == torch::IntArrayRef({M, L}),
+                "Decoder: h must be a contiguous float32 (M, L) tensor");
+    TORCH_CHECK(taps.scalar_type() == torch::kFloat32 && taps.is_contiguous() &&
+                    taps.sizes() == torch::IntArrayRef({M, C, L}),
+                "Decoder: conv taps must be a contiguous float32 (M, C, L) tensor");
+    float *y = s.a, *u = s.b, *conv = s.c;
+    Linear::apply_all({{&block.linear[0], y}, {&block.linear[1], u}}, s.normed, M, width_);
+    conv_rows(u, M, L, taps.data_ptr<float>(), C, block.conv_weight.data_ptr<float>(),
+              block.conv_bias.data_ptr<float>(), position, conv);
+    rglru_rows(conv, M, block.rglru, h.data_ptr<float>(), position, s.d, s.e, h.data_ptr<float>());
+    gelu_times(y, h.data_ptr<float>(), M * L);
+    Linear::apply_all({{&block.linear[2], s.delta}}, y, M, L);
+  }
+
+  // s.normed (M, D) -> s.delta (M, D); the ring of keys and values moves on.
+  void attention(const Block& block, const Scratch& s, int64_t M, const int64_t* position,
+                 const std::vector<torch::Tensor>& state) const {
+    TORCH_CHECK(state.size() == 3, "Decoder: an attention block's state is [keys, values, slot positions]");
+    const int64_t K = block.linear[1].N, H = block.linear[0].N / K;
+    float *q = s.a, *k = s.b, *v = s.c, *attended = s.d;
+    Linear::apply_all({{&block.linear[0], q}, {&block.linear[1], k}, {&block.linear[2], v}}, s.normed, M, width_);
+    torch::Tensor ring_k = state[0], ring_v = state[1], ring_pos = state[2];
+    attention_rows(q, k, v, M, H, K, ring_k, ring_v, ring_pos, position, inverse_frequency_.data_ptr<float>(),
+                   static_cast<float>(1.0 / std::sqrt(static_cast<double>(K))), attended);
+    Linear::apply_all({{&block.linear[3], s.delta}}, attended, M, H * K);
+  }
+
   double eps_;
   torch::Tensor inverse_frequency_;
+  double embedding_scale_, soft_cap_;
+  Linear embedding_;
+  torch::Tensor final_norm_;
+  at::ScalarType row_dtype_ = torch::kFloat32;
+  int64_t width_ = 0, widest_ = 0;  // D, and the most values of any activation's row
   std::vector<Block> blocks_;
   std::vector<Source> sources_;
+  std::vector<float> scratch_;
 };
 
 // Reads every byte of t once (a bandwidth probe for the roofline); returns a checksum.
@@ -1290,11 +1442,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rglru_step", &rglru_step,
         "one RG-LRU step: x (M, L), gate weights (H, L/H, L/H) and float32 biases (L), recurrent_param (L), "
         "state h (M, L), positions (M) -> new state (M, L)");
-  py::class_<Decoder>(m, "Decoder", "every residual block of a decoding step in one call")
-      .def(py::init<const std::vector<Tensors>&, double, torch::Tensor>(), py::arg("blocks"), py::arg("eps"),
-           py::arg("inverse_frequency"))
+  py::class_<Decoder>(m, "Decoder", "a whole decoding step in one call")
+      .def(py::init<const std::vector<Tensors>&, double, torch::Tensor, const Tensors&, double, double>(),
+           py::arg("blocks"), py::arg("eps"), py::arg("inverse_frequency"), py::arg("head") = Tensors(),
+           py::arg("embedding_scale") = 1.0, py::arg("soft_cap") = 0.0)
       .def("run", &Decoder::run, py::arg("x"), py::arg("positions"), py::arg("states"),
-           "x (M, D) float32 at positions (M), each block's state tensors (updated in place) -> (M, D)")
+           "the blocks alone: x (M, D) float32 at positions (M), each block's state tensors (updated in place) "
+           "-> (M, D)")
+      .def("step", &Decoder::step, py::arg("tokens"), py::arg("positions"), py::arg("states"),
+           "tokens (M) int64 at positions (M), each block's state tensors (updated in place) -> logits (M, V)")
       .def("is_current", &Decoder::is_current,
            "whether every tensor it was built from keeps its version and storage (else build it again)");
   m.def("read_all", &read_all, "read every byte of a tensor once (bandwidth probe)");
