@@ -4,10 +4,11 @@ A Griffin decode step is several hundred small kernels. On a GPU at small
 batch sizes their launches, not the weight reads, set its time, so the step
 (`Griffin.step`) is captured once per batch size into a CUDA graph and
 replayed: one launch per token. On a CPU their fixed costs (Python, torch's
-dispatch) came to about 40 ms of a 2b step, so there every residual block
-runs in one call to the native Decoder (rgemma/csrc/cpu_kernels.cpp), which
-the tests compare with the model's own forward. Elsewhere the step is the
-plain forward.
+dispatch) came to about 40 ms of a 2b step, so there the whole step, from
+the embedding to the logits, is one call to the native Decoder
+(rgemma/csrc/cpu_kernels.cpp), which the tests compare with the model's own
+forward. A state it cannot update in place, and every other device, take
+the plain forward.
 
 A captured graph reads and writes fixed buffers: a state passed in is copied
 into them unless it is the state the previous call returned, so a loop that
@@ -24,7 +25,7 @@ import torch
 from rgemma import kernels
 from rgemma.model import Embedding, Griffin, Linear, rope_frequencies
 from rgemma.quantize import Int8Linear
-from rgemma.state import RecurrentState, State
+from rgemma.state import State
 
 
 class _CapturedStep:
@@ -78,18 +79,6 @@ class _NativeStep:
                 return False
         return True
 
-    @staticmethod
-    def takes(state: State) -> bool:
-        """The state's tensors are laid out as the Decoder updates them in place."""
-        for layer, tensors in zip(state.layers, state.layer_tensors()):
-            if isinstance(layer, RecurrentState):
-                fits = layer.h.dtype == layer.conv.dtype == torch.float32
-            else:
-                fits = layer.k.dtype == layer.v.dtype in (torch.float32, torch.bfloat16) and layer.pos.dtype == torch.int64
-            if not (fits and all(t.is_contiguous() for t in tensors)):
-                return False
-        return True
-
     def _current_decoder(self):
         """The Decoder over the model's tensors, built again when any of them changed in place or moved: it
         holds float32 copies of the small ones."""
@@ -104,9 +93,13 @@ class _NativeStep:
             )
         return self._decoder
 
-    def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State] | None:
+        """None, with the state unchanged, if its tensors are not laid out as the Decoder updates them in place
+        (float32 recurrences, float32 or bfloat16 rings, contiguous)."""
         positions = state.position.contiguous()  # (B,)
         logits = self._current_decoder().step(tokens[:, 0].contiguous(), positions, state.layer_tensors())
+        if logits is None:
+            return None
         state.position = positions + 1
         return logits, state
 
@@ -142,8 +135,9 @@ class DecodeStep:
             if len(self._graphs) > self.MAX_GRAPHS:
                 self._graphs.popitem(last=False)
         self._last_batch = batch
-        if captured is None and self._native is not None and self._native.takes(state):
-            return self._native(tokens, state)
+        stepped = self._native(tokens, state) if captured is None and self._native is not None else None
+        if stepped is not None:
+            return stepped
         if captured is None:  # the plain forward: on CPUs it skips the masks `step` keeps for capture
             logits, state = self.model(tokens, state=state)
             return logits[:, -1], state

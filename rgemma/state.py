@@ -12,6 +12,7 @@ Shapes: B batch, L lru width, C conv taps (conv_width - 1), W window, K head dim
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -44,6 +45,11 @@ LayerState = RecurrentState | AttentionState
 
 def _map_layer(layer: LayerState, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerState:
     return type(layer)(**{f.name: fn(getattr(layer, f.name)) for f in dataclasses.fields(layer)})
+
+
+@functools.cache
+def _field_names(layer_state: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(layer_state))  # once per class: a decode step reads them
 
 
 @dataclasses.dataclass
@@ -87,7 +93,7 @@ class State:
 
     def layer_tensors(self) -> list[list[torch.Tensor]]:
         """Each layer's tensors, in field order: [h, conv] or [k, v, pos]."""
-        return [[getattr(layer, f.name) for f in dataclasses.fields(layer)] for layer in self.layers]
+        return [[getattr(layer, name) for name in _field_names(type(layer))] for layer in self.layers]
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.position] + [t for layer in self.layer_tensors() for t in layer]

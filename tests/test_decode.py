@@ -58,10 +58,35 @@ def test_a_prefilled_state_is_compact():
     """Each tensor of a prompt's state owns exactly its storage: the native step takes the state at any batch
     size (a view of the last position was strided at batch 2+), and no view keeps the prompt's activations
     alive."""
-    _, state = prefilled(model())
-    assert _NativeStep.takes(state)
+    griffin = model()
+    tokens, state = prefilled(griffin)
     for tensor in state.tensors():
         assert tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes, tensor.shape
+    with torch.no_grad():
+        assert _NativeStep(griffin)(tokens[:, :1], state) is not None
+
+
+def test_native_step_leaves_a_state_it_cannot_update_to_the_plain_path():
+    """A state the Decoder cannot update in place (here a column-major h) is refused before anything changes, and
+    the step takes the plain forward; Decoder.run names what does not fit."""
+    griffin = model()
+    tokens, state = prefilled(griffin)
+    before = state.clone()
+    state.layers[0].h = state.layers[0].h.t().contiguous().t()  # the same values, column-major
+    with torch.no_grad():
+        assert _NativeStep(griffin)(tokens[:, :1], state) is None
+        for got, want in zip(state.tensors(), before.tensors()):
+            assert torch.equal(got, want)
+        logits, _ = DecodeStep(griffin)(tokens[:, :1], state)
+        expected, _ = griffin(tokens[:, :1], state=before)
+        assert relative_error(logits, expected[:, -1]) < 1e-5
+        strided = before.clone()
+        strided.layers[0].h = strided.layers[0].h.t().contiguous().t()
+        cfg = griffin.config
+        decoder = kernels.native().Decoder([dict(layer.state_dict(keep_vars=True)) for layer in griffin.layers],
+                                           cfg.norm_eps, rope_frequencies(cfg.head_dim, cfg.rope_base, "cpu"))
+        with pytest.raises(RuntimeError, match="block 0: h must be a contiguous float32"):
+            decoder.run(griffin.embed(tokens[:, 0]), strided.position, strided.layer_tensors())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

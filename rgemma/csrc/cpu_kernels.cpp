@@ -35,6 +35,7 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -1231,6 +1232,10 @@ class Decoder {
   // Whether every tensor the Decoder was built from keeps the version and the
   // storage it had then; if not, the copies the Decoder holds may be stale.
   bool is_current() const {
+    // The tensors' headers lie far apart, and a step's weights have just
+    // streamed through the caches: asked for all at once, their misses overlap.
+    for (const Source& source : sources_)
+      _mm_prefetch(reinterpret_cast<const char*>(source.tensor.unsafeGetTensorImpl()), _MM_HINT_T0);
     for (const Source& source : sources_)
       if (source.tensor._version() != source.version || source.tensor.data_ptr() != source.data) return false;
     return true;
@@ -1244,6 +1249,8 @@ class Decoder {
                     const std::vector<std::vector<torch::Tensor>>& states) {
     check_x(x);
     TORCH_CHECK(x.size(1) == width_, "Decoder: x has ", x.size(1), " features, the blocks ", width_);
+    const std::string problem = misfit(states, x.size(0));
+    TORCH_CHECK(problem.empty(), "Decoder: ", problem);
     auto residual = x.clone();
     blocks(residual.data_ptr<float>(), x.size(0), check_positions(positions, x.size(0)), states);
     return residual;
@@ -1251,14 +1258,16 @@ class Decoder {
 
   // tokens (M) int64 at positions (M), states as for `run` -> the next tokens'
   // logits (M, V) float32: embedding, every block, final norm, tied output
-  // layer, soft cap.
-  torch::Tensor step(const torch::Tensor& tokens, const torch::Tensor& positions,
-                     const std::vector<std::vector<torch::Tensor>>& states) {
+  // layer, soft cap. None, before anything changes, if the states are not laid
+  // out as the Decoder updates them (the caller then takes another path).
+  std::optional<torch::Tensor> step(const torch::Tensor& tokens, const torch::Tensor& positions,
+                                    const std::vector<std::vector<torch::Tensor>>& states) {
     TORCH_CHECK(final_norm_.defined(), "Decoder: built without the embedding and final norm, so it cannot step");
     TORCH_CHECK(tokens.scalar_type() == torch::kInt64 && tokens.dim() == 1 && tokens.is_contiguous(),
                 "Decoder: tokens must be a contiguous int64 (M) tensor");
     const int64_t M = tokens.size(0), D = width_;
     const int64_t* position = check_positions(positions, M);
+    if (!misfit(states, M).empty()) return std::nullopt;
     auto residual = torch::empty({M, D}, tokens.options().dtype(torch::kFloat32));
     float* x = residual.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) embed(tokens.data_ptr<int64_t>()[m], x + m * D);
@@ -1302,6 +1311,39 @@ class Decoder {
     if (static_cast<int64_t>(scratch_.size()) < 7 * row) scratch_.assign(7 * row, 0.0f);
     float* p = scratch_.data();
     return {p, p + row, p + 2 * row, p + 3 * row, p + 4 * row, p + 5 * row, p + 6 * row};
+  }
+
+  // What in the states (M rows) is not as the blocks update them in place, or "".
+  std::string misfit(const std::vector<std::vector<torch::Tensor>>& states, int64_t M) const {
+    if (states.size() != blocks_.size())
+      return std::to_string(states.size()) + " states for " + std::to_string(blocks_.size()) + " blocks";
+    auto fits = [&](const torch::Tensor& t, std::initializer_list<at::ScalarType> dtypes,
+                    std::initializer_list<int64_t> sizes) {
+      return t.is_contiguous() && std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) != dtypes.end() &&
+             t.sizes() == torch::IntArrayRef(sizes);
+    };
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+      const Block& block = blocks_[b];
+      const std::vector<torch::Tensor>& state = states[b];
+      const std::string where = "block " + std::to_string(b) + ": ";
+      if (block.recurrent) {
+        const int64_t L = block.linear[0].N, C = block.conv_weight.size(1) - 1;
+        if (state.size() != 2) return where + "a recurrent block's state is [h, conv taps]";
+        if (!fits(state[0], {torch::kFloat32}, {M, L})) return where + "h must be a contiguous float32 (M, L) tensor";
+        if (!fits(state[1], {torch::kFloat32}, {M, C, L}))
+          return where + "conv taps must be a contiguous float32 (M, C, L) tensor";
+      } else {
+        const int64_t K = block.linear[1].N;
+        if (state.size() != 3) return where + "an attention block's state is [keys, values, slot positions]";
+        const int64_t W = state[0].dim() == 3 ? state[0].size(1) : -1;
+        if (!fits(state[0], {torch::kFloat32, torch::kBFloat16}, {M, W, K}) ||
+            !fits(state[1], {state[0].scalar_type()}, {M, W, K}))
+          return where + "keys and values must be contiguous (M, W, K) tensors, both float32 or both bfloat16";
+        if (!fits(state[2], {torch::kInt64}, {M, W}))
+          return where + "slot positions must be a contiguous int64 (M, W) tensor";
+      }
+    }
+    return "";
   }
 
   static const int64_t* check_positions(const torch::Tensor& positions, int64_t M) {
@@ -1357,14 +1399,8 @@ class Decoder {
   // s.normed (M, D) -> s.delta (M, D); the state [h, conv taps] moves on.
   void recurrent(const Block& block, const Scratch& s, int64_t M, const int64_t* position,
                  const std::vector<torch::Tensor>& state) const {
-    TORCH_CHECK(state.size() == 2, "Decoder: a recurrent block's state is [h, conv taps]");
     const torch::Tensor &h = state[0], &taps = state[1];
     const int64_t L = block.linear[0].N, C = block.conv_weight.size(1) - 1;
-    TORCH_CHECK(h.scalar_type() == torch::kFloat32 && h.is_contiguous() && h.sizes() == torch::IntArrayRef({M, L}),
-                "Decoder: h must be a contiguous float32 (M, L) tensor");
-    TORCH_CHECK(taps.scalar_type() == torch::kFloat32 && taps.is_contiguous() &&
-                    taps.sizes() == torch::IntArrayRef({M, C, L}),
-                "Decoder: conv taps must be a contiguous float32 (M, C, L) tensor");
     float *y = s.a, *u = s.b, *conv = s.c;
     Linear::apply_all({{&block.linear[0], y}, {&block.linear[1], u}}, s.normed, M, width_);
     conv_rows(u, M, L, taps.data_ptr<float>(), C, block.conv_weight.data_ptr<float>(),
@@ -1377,7 +1413,6 @@ class Decoder {
   // s.normed (M, D) -> s.delta (M, D); the ring of keys and values moves on.
   void attention(const Block& block, const Scratch& s, int64_t M, const int64_t* position,
                  const std::vector<torch::Tensor>& state) const {
-    TORCH_CHECK(state.size() == 3, "Decoder: an attention block's state is [keys, values, slot positions]");
     const int64_t K = block.linear[1].N, H = block.linear[0].N / K;
     float *q = s.a, *k = s.b, *v = s.c, *attended = s.d;
     Linear::apply_all({{&block.linear[0], q}, {&block.linear[1], k}, {&block.linear[2], v}}, s.normed, M, width_);
@@ -1450,7 +1485,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "the blocks alone: x (M, D) float32 at positions (M), each block's state tensors (updated in place) "
            "-> (M, D)")
       .def("step", &Decoder::step, py::arg("tokens"), py::arg("positions"), py::arg("states"),
-           "tokens (M) int64 at positions (M), each block's state tensors (updated in place) -> logits (M, V)")
+           "tokens (M) int64 at positions (M), each block's state tensors (updated in place) -> logits (M, V); "
+           "None, with nothing changed, if the states are not laid out as it updates them")
       .def("is_current", &Decoder::is_current,
            "whether every tensor it was built from keeps its version and storage (else build it again)");
   m.def("read_all", &read_all, "read every byte of a tensor once (bandwidth probe)");
