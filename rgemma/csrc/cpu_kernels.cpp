@@ -849,21 +849,11 @@ void attention_rows_typed(const float* q_in, const float* k_in, const float* v_i
 // of the first half of each head by position x frequency[i] (K/4 float32);
 // the query then attends to the ring keys of its own document within the
 // window and to the new key; then the new key and value take their slot, and
-// a row at position 0 first forgets the ring. -> out (M, H, K).
+// a row at position 0 first forgets the ring. -> out (M, H, K). The callers
+// check the ring's layout.
 void attention_rows(const float* q, const float* k, const float* v, int64_t M, int64_t H, int64_t K,
                     torch::Tensor& ring_k, torch::Tensor& ring_v, torch::Tensor& ring_pos, const int64_t* position,
                     const float* frequency, float scale, float* out) {
-  const int64_t W = ring_k.size(1);
-  for (const torch::Tensor* t : {&ring_k, &ring_v})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == ring_k.scalar_type() &&
-                    t->sizes() == torch::IntArrayRef({M, W, K}),
-                "attention: the ring's keys and values must be contiguous (", M, ", W, ", K,
-                ") tensors of one dtype");
-  TORCH_CHECK(ring_pos.scalar_type() == torch::kInt64 && ring_pos.is_contiguous() &&
-                  ring_pos.sizes() == torch::IntArrayRef({M, W}),
-              "attention: the ring's positions must be a contiguous int64 (M, W) tensor");
-  TORCH_CHECK(ring_k.scalar_type() == torch::kFloat32 || ring_k.scalar_type() == torch::kBFloat16,
-              "attention: the ring must be float32 or bfloat16");
   const auto typed = ring_k.scalar_type() == torch::kBFloat16 ? attention_rows_typed<BFloat16Eights>
                                                               : attention_rows_typed<Float32Eights>;
   typed(q, k, v, M, H, K, ring_k, ring_v, ring_pos, position, frequency, scale, out);
@@ -876,10 +866,19 @@ torch::Tensor attention_step(const torch::Tensor& q, const torch::Tensor& k, con
                              double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
               "attention_step: q must be a contiguous float32 (M, H, K) tensor");
-  const int64_t M = q.size(0), H = q.size(1), K = q.size(2);
+  const int64_t M = q.size(0), H = q.size(1), K = q.size(2), W = ring_k.dim() == 3 ? ring_k.size(1) : -1;
   for (const torch::Tensor* t : {&k, &v})
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->sizes() == torch::IntArrayRef({M, K}),
                 "attention_step: k and v must be contiguous float32 (M, K) tensors");
+  TORCH_CHECK(ring_k.scalar_type() == torch::kFloat32 || ring_k.scalar_type() == torch::kBFloat16,
+              "attention_step: the ring must be float32 or bfloat16");
+  for (const torch::Tensor* t : {&ring_k, &ring_v})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == ring_k.scalar_type() &&
+                    t->sizes() == torch::IntArrayRef({M, W, K}),
+                "attention_step: the ring's keys and values must be contiguous (M, W, K) tensors of one dtype");
+  TORCH_CHECK(ring_pos.scalar_type() == torch::kInt64 && ring_pos.is_contiguous() &&
+                  ring_pos.sizes() == torch::IntArrayRef({M, W}),
+              "attention_step: the ring's positions must be a contiguous int64 (M, W) tensor");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == M,
               "attention_step: positions must be int64 with one value per row");
   TORCH_CHECK(inverse_frequency.scalar_type() == torch::kFloat32 && inverse_frequency.is_contiguous() &&
