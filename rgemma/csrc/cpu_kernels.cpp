@@ -1231,10 +1231,6 @@ class Decoder {
   // Whether every tensor the Decoder was built from keeps the version and the
   // storage it had then; if not, the copies the Decoder holds may be stale.
   bool is_current() const {
-    // The tensors' headers lie far apart, and a step's weights have just
-    // streamed through the caches: asked for all at once, their misses overlap.
-    for (const Source& source : sources_)
-      _mm_prefetch(reinterpret_cast<const char*>(source.tensor.unsafeGetTensorImpl()), _MM_HINT_T0);
     for (const Source& source : sources_)
       if (source.tensor._version() != source.version || source.tensor.data_ptr() != source.data) return false;
     return true;
