@@ -602,9 +602,11 @@ struct Linear {
   void row(int64_t n, int64_t width, float* out) const {
     TORCH_CHECK(n >= 0 && n < N, "token ", n, " is outside the vocabulary of ", N);
     switch (weight.scalar_type()) {
-      case torch::kBFloat16:
-        for (int64_t k = 0; k < width; ++k) out[k] = static_cast<float>(weight.data_ptr<at::BFloat16>()[n * K + k]);
+      case torch::kBFloat16: {
+        const at::BFloat16* w = weight.data_ptr<at::BFloat16>() + n * K;
+        for (int64_t k = 0; k < width; ++k) out[k] = static_cast<float>(w[k]);
         break;
+      }
       case torch::kFloat32:
         std::copy_n(weight.data_ptr<float>() + n * K, width, out);
         break;
@@ -1359,10 +1361,9 @@ class Decoder {
     }
   }
 
-  // residual (M, D) -> the last block's output, in place.
+  // residual (M, D) -> the last block's output, in place; the states fit (misfit).
   void blocks(float* residual, int64_t M, const int64_t* position,
               const std::vector<std::vector<torch::Tensor>>& states) {
-    TORCH_CHECK(states.size() == blocks_.size(), "Decoder: ", states.size(), " states for ", blocks_.size(), " blocks");
     const Scratch s = scratch(M);
     const int64_t n = M * width_;
     for (size_t b = 0; b < blocks_.size(); ++b) {
