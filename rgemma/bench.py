@@ -13,7 +13,10 @@ through that implementation's normal incremental API.
 The same run measures this machine's roofline: read bandwidth bounds a
 decode step (every weight and each row's state are read once per step), and
 GEMM throughput bounds prefill (2 FLOPs per weight that multiplies a token,
-per token). Each measurement is reported as a fraction of its bound.
+per token). Each measurement is reported as a fraction of its bound. The
+bandwidth drifts by tens of percent within minutes on shared machines, so
+each decode measurement's bound takes the bandwidth probed in its engine's
+process right after its steps.
 
 `--engines rgemma,rgemma-int8,rgemma-int4` adds rgemma with the same weights
 quantized at load, and reports each one's decode speed over the float weights.
@@ -60,7 +63,7 @@ CHECK_TOKENS = 4
 # Greedy tokens can part where bf16 rounding reorders nearly equal logits, so the
 # check also compares the first prediction's top logits.
 CHECK_TOP = 5
-BANDWIDTH_PROBE_BYTES = 2**30
+BANDWIDTH_PROBE_BYTES = 2**28  # far past any CPU's last-level cache
 MAX_GEMM_TOKENS = 1024
 CHILD_MARK = "@rgemma-bench "
 
@@ -455,8 +458,9 @@ def measure(job: dict) -> None:
         logits, cache = engine.prefill(model, prompt(batch, context))
         _reset_peak(device)  # the peak of decoding: weights, cache and one step's activations
         seconds, _, cache = _decode(engine, model, logits, cache, context, job["warmup"], job["decode_steps"], device)
+        peaks = _peaks(device)
         _emit("decode", batch_size=batch, context=context, cache_bytes=engine.cache_bytes(model, cache),
-              **_step_stats(seconds, batch), **_peaks(device))
+              bandwidth_bytes_per_s=read_bandwidth(device)["bytes_per_s"], **_step_stats(seconds, batch), **peaks)
         del logits, cache
         gc.collect()
 
@@ -663,7 +667,7 @@ def _roofline_fractions(results: dict) -> None:
         for row in engine.get("decode", []):
             # Each engine's own weights: quantized ones read fewer bytes.
             read = engine["load"]["weight_bytes"] + row["batch_size"] * model["state_bytes_per_sequence"]
-            row["roofline_seconds"] = read / roof["bandwidth"]["bytes_per_s"]
+            row["roofline_seconds"] = read / row["bandwidth_bytes_per_s"]
             row["roofline_fraction"] = row["roofline_seconds"] / row["step_seconds_median"]
 
 
@@ -751,7 +755,7 @@ def _run(settings: Settings) -> dict:
         results["model"], config = _describe(path, settings)
         jobs = _jobs(settings, config, path)
         decoding = [name for name, job in jobs.items() if job["batch_sizes"] and installed(name)]
-        later = (settings.rounds - 1) * (1 + len(decoding) * (1 + len(settings.batch_sizes)))
+        later = (settings.rounds - 1) * len(decoding) * (1 + len(settings.batch_sizes))
         progress.total = 3 + sum(_steps(job) for name, job in jobs.items() if installed(name)) + later
         progress.update()
         results["machine"] = {
@@ -760,7 +764,7 @@ def _run(settings: Settings) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         }
         progress.set_postfix_str("roofline: read bandwidth")
-        bandwidths = [read_bandwidth(device)]
+        bandwidth = read_bandwidth(device)
         progress.update()
         progress.set_postfix_str("roofline: matmul")
         shape = (min(max(settings.prompt_lengths), MAX_GEMM_TOKENS), config.width, config.mlp_width)
@@ -778,9 +782,6 @@ def _run(settings: Settings) -> dict:
         for _ in range(settings.rounds - 1):
             if any(d["status"] != "ok" for d in done.values() if d["status"] != "not installed"):
                 break
-            progress.set_postfix_str("roofline: read bandwidth")
-            bandwidths.append(read_bandwidth(device))
-            progress.update()
             for name in decoding:
                 again = _collect(_decode_only(jobs[name]), progress)
                 if again["status"] != "ok":
@@ -789,9 +790,7 @@ def _run(settings: Settings) -> dict:
                 rounds[name].append(again.get("decode", []))
         for name, measured in rounds.items():
             _merge_rounds(done[name], measured[:min(len(m) for m in rounds.values())])
-        speeds = [b["bytes_per_s"] for b in bandwidths]
-        results["roofline"] = {"bandwidth": {**bandwidths[speeds.index(statistics.median_low(speeds))],
-                                             "rounds_bytes_per_s": speeds}, "matmul": matmul}
+        results["roofline"] = {"bandwidth": bandwidth, "matmul": matmul}
 
     results["engines"] = {name: done[name] for name in settings.engines}
     if settings.context_lengths:
@@ -889,14 +888,12 @@ def report(results: dict) -> str:
                      + [f"{k} not native here, not measured" for k in roof["matmul"]["not_native"]])
     engines = results["engines"]
     rounds = f", the median round of {settings['rounds']}" if settings["rounds"] > 1 else ""
-    speeds = roof["bandwidth"]["rounds_bytes_per_s"]
-    rounds_bandwidth = f", the median of rounds {', '.join(f'{v / 1e9:.1f}' for v in speeds)}" if len(speeds) > 1 else ""
     out = [
         f"rgemma bench: {model['source']}, {model['dtype']}, {machine['device']} ({machine['cpu_capability']}), "
         f"{machine['threads']} threads, torch {machine['torch']}",
         f"weights: {model['parameters']:,} parameters, {_gib(model['weight_bytes'])} GiB; "
         f"state {_mib(model['state_bytes_per_sequence'])} MiB per sequence in {model['dtype']}",
-        f"roofline: read bandwidth {roof['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s ({probes}{rounds_bandwidth}); "
+        f"roofline: read bandwidth {roof['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s at the start ({probes}); "
         f"GEMM {'x'.join(map(str, roof['matmul']['shape']))} GFLOP/s: {gemm}",
         "",
         "load, each engine in its own process",
@@ -913,10 +910,12 @@ def report(results: dict) -> str:
                                     f"{100 * r['roofline_fraction']:.0f}"])
     out += _section(
         f"decode, greedy, after a {min(settings['prompt_lengths'])}-token prompt, median of {settings['decode_steps']} "
-        f"steps{rounds}; roofline: weights + batch x rgemma state read once per step",
-        ["batch", "engine", "tokens/s", "ms/token", memory_name, "cache MiB", "% roofline"], engines, "decode",
-        "batch_size", lambda r: [f"{r['tokens_per_s']:.2f}", f"{r['latency_ms']:.1f}", _gib(r[memory]),
-                                 _mib(r["cache_bytes"]), f"{100 * r['roofline_fraction']:.0f}"])
+        f"steps{rounds}; roofline: weights + batch x rgemma state read once per step at the read bandwidth probed "
+        "in the engine's process right after its steps",
+        ["batch", "engine", "tokens/s", "ms/token", memory_name, "cache MiB", "probe GB/s", "% roofline"], engines,
+        "decode", "batch_size", lambda r: [f"{r['tokens_per_s']:.2f}", f"{r['latency_ms']:.1f}", _gib(r[memory]),
+                                           _mib(r["cache_bytes"]), f"{r['bandwidth_bytes_per_s'] / 1e9:.1f}",
+                                           f"{100 * r['roofline_fraction']:.0f}"])
     for (name, over), by_batch in decode_ratios(engines).items():
         against = f"rgemma's {model['dtype']} weights" if over == "rgemma" else over
         out.append(f"{name} decode over {against}: " + ", ".join(

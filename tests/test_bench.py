@@ -58,8 +58,12 @@ def test_every_engine_is_measured(run):
                 assert positive(row[key]), (name, key, row)
         for row in engine["decode"]:
             for key in ("tokens_per_s", "latency_ms", "step_seconds_median", "step_seconds_mean", "peak_rss_bytes",
-                        "cache_bytes", "roofline_seconds", "roofline_fraction"):
+                        "cache_bytes", "bandwidth_bytes_per_s", "roofline_seconds", "roofline_fraction"):
                 assert positive(row[key]), (name, key, row)
+            # The bound: this engine's weights and the rows' states at the bandwidth probed right after its steps.
+            read = engine["load"]["weight_bytes"] + row["batch_size"] * results["model"]["state_bytes_per_sequence"]
+            assert row["roofline_seconds"] == pytest.approx(read / row["bandwidth_bytes_per_s"])
+            assert row["roofline_fraction"] == pytest.approx(row["roofline_seconds"] / row["step_seconds_median"])
             assert row["context"] == 16
             # Two rounds, the engines taking turns; the row is the median round's (the lower of two).
             assert len(row["rounds_step_seconds"]) == 2 and all(map(positive, row["rounds_step_seconds"]))
@@ -100,8 +104,6 @@ def test_roofline_is_measured_in_the_same_run(run):
     bandwidth, matmul = results["roofline"]["bandwidth"], results["roofline"]["matmul"]
     assert positive(bandwidth["bytes_per_s"]) and "torch_sum" in bandwidth["probes"]
     assert bandwidth["bytes_per_s"] == max(bandwidth["probes"].values())
-    # Measured again before each round; the roofline takes the median round's (the lower of two).
-    assert len(bandwidth["rounds_bytes_per_s"]) == 2 and bandwidth["bytes_per_s"] == min(bandwidth["rounds_bytes_per_s"])
     assert positive(matmul["flops_per_s"]) and positive(matmul["by_dtype"]["float32"])
     config = rgemma.Config.preset("tiny")
     assert matmul["shape"] == [32, config.width, config.mlp_width]
