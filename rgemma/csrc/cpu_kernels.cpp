@@ -98,13 +98,13 @@ void run_jobs(const std::vector<Job>& jobs) {
 }
 
 // The job of tiles.run<R, MB>(rows, m, n, ahead) for every strip of R weight
-// rows (Rows, fewer at the end) and every MaxMB rows of x (fewer at the end):
+// rows (Rows, fewer at the end) and every 4 rows of x (fewer at the end):
 // weight rows n.. against x rows m... Runs are at least kRowsPerTask rows.
 // Strips of several rows share each load of x. The integer kernels, which do
 // more work per byte of weights, read one row at a time instead: on a Zen 3
 // an int4 product read 17-18 GB/s that way against 11-13 GB/s reading 4 rows
 // side by side (2 threads), while bf16 read 15-16 against 18.
-template <int Rows, int MaxMB, typename Row, typename MakeRow, typename Tiles>
+template <int Rows, typename Row, typename MakeRow, typename Tiles>
 Job tiles_job(int64_t M, int64_t N, MakeRow make_row, Tiles tiles) {
   const int64_t ahead = N > 1 ? (make_row(1).bytes(0) - make_row(0).bytes(0)) * kRowsAhead : 0;
   return {(N + Rows - 1) / Rows, (kRowsPerTask + Rows - 1) / Rows, [=](int64_t begin, int64_t end) {
@@ -120,8 +120,7 @@ Job tiles_job(int64_t M, int64_t N, MakeRow make_row, Tiles tiles) {
           for (int64_t r = 0; r < count; ++r) tiles.template run<1, MB>(rows + r, m, n0 + r, ahead);
       };
       int64_t m = 0;
-      if constexpr (MaxMB == 4)
-        for (; m + 4 <= M; m += 4) strip(std::integral_constant<int, 4>{}, m);
+      for (; m + 4 <= M; m += 4) strip(std::integral_constant<int, 4>{}, m);
       for (; m + 2 <= M; m += 2) strip(std::integral_constant<int, 2>{}, m);
       if (m < M) strip(std::integral_constant<int, 1>{}, m);
     }
@@ -332,30 +331,35 @@ inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_c
 
 inline __m256i sum_pairs(__m256i s16) { return _mm256_madd_epi16(s16, _mm256_set1_epi16(1)); }
 
-// s[j] holds 8 int32 partial sums of block j -> the 8 block sums, in order.
-inline __m256i sum_each(const __m256i* s) {
-  const __m256i s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-  const __m256i s4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
-  // s0123 holds blocks 0-3 summed over the low 128-bit lane, then over the high one.
-  return _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20),
-                          _mm256_permute2x128_si256(s0123, s4567, 0x31));
-}
-
 // The 8 int32 block sums of blocks b0 .. b0+7 of a row against each of MB rows
 // of x, `x_stride` apart (zero past `count` blocks). Each block of weights is
-// unpacked once for all MB rows.
+// unpacked once for all MB rows, and the blocks' partial sums are folded in
+// pairs as they come (blocks 0+1, 2+3, then 0-3), which keeps few registers
+// live per row of x: at 4 rows of x a tree over all 8 blocks at the end spilled.
 template <int MB, typename Row>
 void block_sums(const Row& row, int64_t b0, int64_t count, const int8_t* x, int64_t x_stride, __m256i* sums) {
-  __m256i s[MB][kBlocksPerStep];
-  for (int64_t j = 0; j < kBlocksPerStep; ++j) {
-    if (j >= count) {
-      for (int m = 0; m < MB; ++m) s[m][j] = _mm256_setzero_si256();
-      continue;
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i quads[2][MB];  // blocks 0-3 and 4-7, each summed within 128-bit lanes
+  for (int quad = 0; quad < 2; ++quad) {
+    __m256i pairs[2][MB];
+    for (int pair = 0; pair < 2; ++pair) {
+      const int64_t j = 4 * quad + 2 * pair;
+      if (j >= count) {
+        for (int m = 0; m < MB; ++m) pairs[pair][m] = zero;
+        continue;
+      }
+      const bool both = j + 1 < count;
+      const auto first = row.unpack(b0 + j), second = row.unpack(b0 + j + both);  // block j again if j + 1 is past
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xm = x + m * x_stride + (b0 + j) * Row::kInputs;
+        pairs[pair][m] = _mm256_hadd_epi32(Row::dot(first, xm), both ? Row::dot(second, xm + Row::kInputs) : zero);
+      }
     }
-    const auto weights = row.unpack(b0 + j);
-    for (int m = 0; m < MB; ++m) s[m][j] = Row::dot(weights, x + m * x_stride + (b0 + j) * Row::kInputs);
+    for (int m = 0; m < MB; ++m) quads[quad][m] = _mm256_hadd_epi32(pairs[0][m], pairs[1][m]);
   }
-  for (int m = 0; m < MB; ++m) sums[m] = sum_each(s[m]);
+  for (int m = 0; m < MB; ++m)  // the low lanes hold each block's first half, the high lanes its second
+    sums[m] = _mm256_add_epi32(_mm256_permute2x128_si256(quads[0][m], quads[1][m], 0x20),
+                               _mm256_permute2x128_si256(quads[0][m], quads[1][m], 0x31));
 }
 
 // Eight float16 values per block, for blocks b0 .. b0+7 (zero past `count`), from
@@ -541,18 +545,18 @@ struct Linear {
     switch (weight.scalar_type()) {
       case torch::kBFloat16: {
         const at::BFloat16* p = weight.data_ptr<at::BFloat16>();
-        return tiles_job<4, 4, BFloat16Eights>(M, N, [=](int64_t n) { return BFloat16Eights{p + n * K}; },
+        return tiles_job<4, BFloat16Eights>(M, N, [=](int64_t n) { return BFloat16Eights{p + n * K}; },
                                          FloatTiles{x.padded(K), y, N, K});
       }
       case torch::kFloat32: {
         const float* p = weight.data_ptr<float>();
-        return tiles_job<4, 4, Float32Eights>(M, N, [=](int64_t n) { return Float32Eights{p + n * K}; },
+        return tiles_job<4, Float32Eights>(M, N, [=](int64_t n) { return Float32Eights{p + n * K}; },
                                         FloatTiles{x.padded(K), y, N, K});
       }
       case torch::kInt8: {
         const int8_t* p = weight.data_ptr<int8_t>();
         const float* s = scale.data_ptr<float>();
-        return tiles_job<1, 2, Int8Row>(M, N, [=](int64_t n) { return Int8Row{p + n * K, s[n]}; },
+        return tiles_job<1, Int8Row>(M, N, [=](int64_t n) { return Int8Row{p + n * K, s[n]}; },
                                      IntegerTiles{x.quantized(K, Int8Row::kInputs), y, N});
       }
       default: {
@@ -560,7 +564,7 @@ struct Linear {
         const at::Half* s = scale.data_ptr<at::Half>();
         const at::Half* mn = minimum.data_ptr<at::Half>();
         const int64_t groups = K / group, blocks_per_group = group / Int4Row::kInputs;
-        return tiles_job<1, 2, Int4Row>(M, N, [=](int64_t n) {
+        return tiles_job<1, Int4Row>(M, N, [=](int64_t n) {
           return Int4Row{p + n * (K / 2), s + n * groups, mn + n * groups, blocks_per_group};
         }, IntegerTiles{x.quantized(K, Int4Row::kInputs), y, N});
       }
