@@ -121,7 +121,7 @@ Job tiles_job(int64_t M, int64_t N, MakeRow make_row, Tiles tiles) {
       };
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) strip(std::integral_constant<int, 4>{}, m);
-      for (; m + 2 <= M; m += 2) strip(std::integral_constant<int, 2>{}, m);
+      if (m + 2 <= M) strip(std::integral_constant<int, 2>{}, m), m += 2;
       if (m < M) strip(std::integral_constant<int, 1>{}, m);
     }
   }};
@@ -349,7 +349,8 @@ void block_sums(const Row& row, int64_t b0, int64_t count, const int8_t* x, int6
         continue;
       }
       const bool both = j + 1 < count;
-      const auto first = row.unpack(b0 + j), second = row.unpack(b0 + j + both);  // block j again if j + 1 is past
+      // Past the last block neither the weights nor x are read: block j stands in, and its sum is not taken.
+      const auto first = row.unpack(b0 + j), second = row.unpack(b0 + j + both);
       for (int m = 0; m < MB; ++m) {
         const int8_t* xm = x + m * x_stride + (b0 + j) * Row::kInputs;
         pairs[pair][m] = _mm256_hadd_epi32(Row::dot(first, xm), both ? Row::dot(second, xm + Row::kInputs) : zero);
