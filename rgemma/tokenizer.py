@@ -23,6 +23,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from rgemma._io import atomic_file
+
 TOKENIZER_FILE = "tokenizer.model"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
@@ -290,7 +292,6 @@ def train_tokenizer(
             logstream=quiet,
         )
     out_file = Path(out_file)
-    temporary = out_file.with_name(f".{out_file.name}.tmp")
-    temporary.write_bytes(model.getvalue())
-    os.replace(temporary, out_file)
+    with atomic_file(out_file) as temporary:
+        temporary.write_bytes(model.getvalue())
     return out_file
