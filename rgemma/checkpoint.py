@@ -26,15 +26,15 @@ import json
 import os
 import pickle
 import re
-import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from rgemma._io import atomic_directory
 from rgemma.config import ATTENTION, RECURRENT, Config
 from rgemma.model import Griffin
 from rgemma.quantize import (
@@ -639,35 +639,6 @@ def _refuse_existing(out_dir: Path):
         raise CheckpointError(f"{out_dir}: already exists and is not an empty directory; will not overwrite it")
 
 
-@contextlib.contextmanager
-def _new_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `out_dir` and rename it into place once filled.
-
-    On any failure the temporary directory is removed, so nothing appears at `out_dir`.
-    """
-    _refuse_existing(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
-    staging.mkdir()
-    try:
-        yield staging
-        for file in staging.iterdir():  # on disk before the rename makes them visible
-            _fsync(file)
-        os.replace(staging, out_dir)  # atomic; replaces an empty directory
-        _fsync(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
     """Consecutive groups of names, each at most max_shard_bytes unless one tensor alone is larger."""
     shards, size = [[]], 0
@@ -717,7 +688,8 @@ def save_model(model: Griffin, out_dir: str | os.PathLike, max_shard_bytes: int 
     most `max_shard_bytes`, with model.safetensors.index.json, when they do not fit one.
     """
     out_dir = Path(out_dir)
-    with _new_directory(out_dir) as staging:
+    _refuse_existing(out_dir)
+    with atomic_directory(out_dir) as staging:
         _write_hf(model, staging, max_shard_bytes)
     return out_dir
 
@@ -740,7 +712,7 @@ def convert(
     _refuse_existing(dst)  # before the work of loading
     model = load_model(src, dtype=dtype, **overrides)
     tokenizer_dir = src if (src / CONFIG_FILE).is_file() else src.parent
-    with _new_directory(dst) as staging:
+    with atomic_directory(dst) as staging:
         _write_hf(model, staging, max_shard_bytes)
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
