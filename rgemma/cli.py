@@ -233,7 +233,7 @@ def cmd_prepare_data(args) -> None:
     import json
     from pathlib import Path
 
-    from rgemma.data import prepare_corpus
+    from rgemma.corpus import prepare_corpus
     from rgemma.tokenizer import Tokenizer, train_tokenizer
     from rgemma.train import tokenize_corpus
 
