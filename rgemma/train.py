@@ -29,7 +29,6 @@ Shapes: B batch, T row length, D width, V vocabulary, N = B*T tokens.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -46,7 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rgemma.config import PRESETS, Config, griffin_pattern
+from rgemma._io import atomic_directory, atomic_file
+from rgemma.config import Config, griffin_pattern
 from rgemma.model import Griffin
 
 IGNORE = -100  # target of a masked position (F.cross_entropy's ignore_index)
@@ -111,35 +111,28 @@ def write_token_file(out: str | os.PathLike, documents: Iterator[list[int]], voc
     """Write already-tokenized documents (each starting with bos) as a token file, atomically."""
     out = Path(out)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     starts, count = [], 0
-    try:
-        with open(staging, "wb") as file:
-            file.write(b" " * HEADER_BYTES)
-            for document in documents:
-                if document[0] != bos_id:
-                    raise ValueError(f"document {len(starts)} does not start with bos ({bos_id})")
-                starts.append(count)
-                file.write(np.asarray(document, dtype=dtype).tobytes())
-                count += len(document)
-            tokens_end = HEADER_BYTES + count * dtype.itemsize
-            starts_offset = -(-tokens_end // 8) * 8
-            file.write(b"\0" * (starts_offset - tokens_end))
-            file.write(np.asarray(starts, dtype=np.int64).tobytes())
-            header = {
-                "format": TOKEN_FORMAT, "version": 1, "dtype": dtype.name, "num_tokens": count,
-                "num_documents": len(starts), "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
-                "tokens_offset": HEADER_BYTES, "starts_offset": starts_offset,
-            }
-            file.seek(0)
-            file.write(json.dumps(header).encode().ljust(HEADER_BYTES))
-            file.flush()
-            os.fsync(file.fileno())
+    with atomic_file(out) as temporary, open(temporary, "wb") as file:
+        file.write(b" " * HEADER_BYTES)
+        for document in documents:
+            if document[0] != bos_id:
+                raise ValueError(f"document {len(starts)} does not start with bos ({bos_id})")
+            starts.append(count)
+            file.write(np.asarray(document, dtype=dtype).tobytes())
+            count += len(document)
         if not starts:
             raise ValueError(f"{out}: no documents to write")
-        os.replace(staging, out)
-    finally:
-        staging.unlink(missing_ok=True)
+        tokens_end = HEADER_BYTES + count * dtype.itemsize
+        starts_offset = -(-tokens_end // 8) * 8
+        file.write(b"\0" * (starts_offset - tokens_end))
+        file.write(np.asarray(starts, dtype=np.int64).tobytes())
+        header = {
+            "format": TOKEN_FORMAT, "version": 1, "dtype": dtype.name, "num_tokens": count,
+            "num_documents": len(starts), "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
+            "tokens_offset": HEADER_BYTES, "starts_offset": starts_offset,
+        }
+        file.seek(0)
+        file.write(json.dumps(header).encode().ljust(HEADER_BYTES))
     return out
 
 
@@ -328,7 +321,7 @@ class TrainSettings:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    dtype: str = "float32"  # bf16 autocast was 16x slower on a 2-core AVX2 CPU (scripts/bench_train.py)
+    dtype: str = "float32"  # CPUs without native bf16 matmuls run bf16 autocast far slower
     seed: int = 0
     loss_chunk: int = LOSS_CHUNK
     eval_every: int = 100
@@ -366,15 +359,9 @@ class TrainResult:
 
 
 def save_checkpoint(path: Path, payload: dict):
-    """torch.save to a temporary file, then rename: a crash leaves the old checkpoint whole."""
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, staging)
-        with open(staging, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
+    """torch.save, atomically: a crash leaves the old checkpoint whole."""
+    with atomic_file(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def export_model(model: Griffin, directory: Path, tokenizer: str | None):
@@ -384,16 +371,10 @@ def export_model(model: Griffin, directory: Path, tokenizer: str | None):
     """
     from rgemma.checkpoint import save_model
 
-    staging = directory.with_name(f".{directory.name}.new-{os.getpid()}")
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_model(model, staging)
-    if tokenizer:
-        shutil.copyfile(tokenizer, staging / "tokenizer.model")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(directory, replace=True) as staging:
+        save_model(model, staging)  # save_model accepts the empty staging directory
+        if tokenizer:
+            shutil.copyfile(tokenizer, staging / "tokenizer.model")
 
 
 @contextlib.contextmanager
@@ -557,101 +538,21 @@ def _progress(settings: TrainSettings, step: int):
         bar.close()
 
 
-# Command line ---------------------------------------------------------------
+# Model shape ----------------------------------------------------------------
 
 
-def model_config(args: argparse.Namespace, vocab_size: int) -> Config:
-    """A preset or an HF config.json, with the shape options applied; the vocabulary is the token file's."""
-    if args.config:
-        config = Config.from_hf_dict(json.loads(Path(args.config).read_text()))
-    else:
-        config = Config.preset(args.preset)
+def model_config(base: Config, vocab_size: int, width: int | None = None, layers: int | None = None,
+                 heads: int | None = None, lru_width: int | None = None, mlp_width: int | None = None,
+                 window: int | None = None) -> Config:
+    """`base` with the vocabulary of the token file and the given shape; None keeps base's value."""
     changes: dict = {"vocab_size": vocab_size}
-    if args.width:
+    if width:
         # A new width brings the usual proportions unless they are given too.
-        changes.update(width=args.width, lru_width=args.width, mlp_width=3 * args.width)
-    for option, field in (("lru_width", "lru_width"), ("mlp_width", "mlp_width"), ("heads", "num_heads"),
-                          ("window", "attention_window")):
-        if getattr(args, option):
-            changes[field] = getattr(args, option)
-    if args.layers:
-        changes["block_types"] = griffin_pattern(args.layers)
-    return config.replace(**changes)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="token file to train on (made by `rgemma tokenize`)")
-    parser.add_argument("--run-dir", required=True,
-                        help="checkpoint, log and exported models go here; an existing run is resumed")
-    parser.add_argument("--eval-data", help="held-out token file: its loss is logged and the best model kept")
-    parser.add_argument("--tokenizer", help="tokenizer.model to copy into the exported models")
-    shape = parser.add_argument_group("model (the vocabulary size comes from the token file)")
-    shape.add_argument("--preset", default="tiny", help=f"starting config: {', '.join(PRESETS)} (default tiny)")
-    shape.add_argument("--config", help="starting config from a Hugging Face config.json instead")
-    shape.add_argument("--width", type=int, help="model width (lru width = width, mlp = 3 x width unless given)")
-    shape.add_argument("--layers", type=int, help="number of blocks, in the (recurrent, recurrent, attention) pattern")
-    shape.add_argument("--heads", type=int)
-    shape.add_argument("--lru-width", type=int)
-    shape.add_argument("--mlp-width", type=int, help="per branch")
-    shape.add_argument("--window", type=int, help="local attention window")
-    opt = parser.add_argument_group("optimisation")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
-    for name, kind, help_text in (
-        ("steps", int, "optimiser steps in all"),
-        ("batch_size", int, "rows per step"),
-        ("seq_len", int, "tokens per row"),
-        ("lr", float, "peak learning rate"),
-        ("min_lr_ratio", float, "final learning rate / peak (cosine decay)"),
-        ("warmup", int, "linear warmup steps"),
-        ("weight_decay", float, "AdamW decay of the linear maps' matrices"),
-        ("beta1", float, None), ("beta2", float, None), ("eps", float, None),
-        ("grad_clip", float, "clip the gradient's global norm at this"),
-        ("seed", int, "initialisation and data order"),
-        ("loss_chunk", int, "tokens per chunk of the output projection in the loss"),
-        ("eval_every", int, "steps between held-out evaluations"),
-        ("eval_batches", int, "batches of the held-out file per evaluation"),
-        ("checkpoint_every", int, "steps between checkpoints"),
-        ("log_every", int, "steps between log lines"),
-    ):
-        opt.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name],
-                         help=f"{help_text + ' ' if help_text else ''}(default {defaults[name]})")
-    opt.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults["dtype"],
-                     help="bfloat16 autocasts the matmuls (default float32: faster on CPUs without native bf16)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    data = TokenFile.open(args.data)
-    names = {f.name for f in dataclasses.fields(TrainSettings)} - {"model", "progress", "data", "run_dir"}
-    return TrainSettings(
-        data=str(Path(args.data).resolve()), run_dir=str(args.run_dir), model=model_config(args, data.vocab_size),
-        progress=not args.no_progress, **{name: getattr(args, name) for name in names},
-    )
-
-
-def run(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = settings_from_args(args)
-    if settings.eval_data:
-        settings = dataclasses.replace(settings, eval_data=str(Path(settings.eval_data).resolve()))
-    result = train(settings)
-    where = result.run_dir / (CHECKPOINT_FILE if result.interrupted else FINAL_DIR)
-    state = "interrupted" if result.interrupted else "done"
-    best = "" if result.best_eval_loss is None else f", best held-out loss {result.best_eval_loss:.4f}"
-    print(f"{state} at step {result.step}, loss {result.loss:.4f}{best}; wrote {where}", file=sys.stderr)
-
-
-def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("jsonl", help='JSON lines {"source", "id", "text"}, one document per line')
-    parser.add_argument("out", help="token file to write")
-    parser.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
-
-
-def run_tokenize(args: argparse.Namespace) -> None:
-    from rgemma.tokenizer import Tokenizer
-
-    out = tokenize_corpus(args.jsonl, Tokenizer(args.tokenizer), args.out)
-    data = TokenFile.open(out)
-    print(f"wrote {out}: {len(data):,} tokens in {len(data.starts):,} documents", file=sys.stderr)
+        changes.update(width=width, lru_width=width, mlp_width=3 * width)
+    for field, value in (("lru_width", lru_width), ("mlp_width", mlp_width), ("num_heads", heads),
+                         ("attention_window", window)):
+        if value:
+            changes[field] = value
+    if layers:
+        changes["block_types"] = griffin_pattern(layers)
+    return base.replace(**changes)

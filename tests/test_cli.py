@@ -1,6 +1,7 @@
 """The `rgemma` command as a user runs it: real processes, one-line errors, no partial output."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,9 @@ import torch
 
 import rgemma
 from reference import official_model
+from rgemma.cli import COMMANDS
+
+COMMAND_MODULES = {module for module, _ in COMMANDS.values()}
 
 
 def run(*args):
@@ -69,3 +73,42 @@ def test_unknown_preset_or_path():
     result = run("info", "3b")
     assert result.returncode == 1
     assert "3b" in result.stderr and "Traceback" not in result.stderr
+
+
+# `rgemma ARGS` in a fresh interpreter, which then names on stderr every module it has loaded.
+LIST_MODULES = """import sys
+from rgemma.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print(*sys.modules, file=sys.stderr)
+"""
+
+
+def run_listing_modules(*args):
+    result = subprocess.run([sys.executable, "-c", LIST_MODULES, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, set(result.stderr.split())
+
+
+def test_help_lists_every_subcommand_without_importing_them_or_torch():
+    stdout, loaded = run_listing_modules("--help")
+    assert "rgemma.cli" in loaded and "torch" not in loaded and not loaded & COMMAND_MODULES
+    for name in COMMANDS:
+        assert re.search(rf"^ +{name} ", stdout, re.MULTILINE), name
+
+
+@pytest.mark.parametrize("command, options", [
+    ("info", ["--json", "--quantize"]),
+    ("generate", ["--max-tokens", "--temperature", "--save-state"]),
+    ("tokenize", ["--tokenizer"]),
+    ("train", ["--run-dir", "--eval-data", "--width", "--lr", "(default 0.001)"]),
+    ("bench", ["--preset", "--engines", "--context-growth", "(default 256,1024,4096,8192,16384,32768)"]),
+])
+def test_subcommand_help_imports_only_its_own_module(command, options):
+    stdout, loaded = run_listing_modules(command, "--help")
+    assert loaded & COMMAND_MODULES == {COMMANDS[command][0]}
+    for option in options:
+        assert option in stdout, option
+    if command not in ("train", "bench"):  # those two take their defaults from their library modules
+        assert "torch" not in loaded

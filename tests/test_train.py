@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 import rgemma
 from rgemma import Config, Griffin
+from rgemma.cli import train as train_command
 from rgemma.tokenizer import Tokenizer
 from rgemma.train import (
-    IGNORE, TokenFile, TrainSettings, add_arguments, batch, batch_rows, decays, learning_rate, next_token_loss,
-    pack_row, parameter_groups, run, settings_from_args, tokenize_corpus, train, write_token_file,
+    IGNORE, TokenFile, TrainSettings, batch, batch_rows, decays, learning_rate, next_token_loss, pack_row,
+    parameter_groups, tokenize_corpus, train, write_token_file,
 )
 from spm import train_tokenizer
 
@@ -229,12 +230,12 @@ def test_resume_with_other_settings_is_refused(corpus, tmp_path):
 
 def test_command_line_arguments(corpus, tmp_path):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    train_command.add_arguments(parser)
     args = parser.parse_args([str(corpus["train"]), "--run-dir", str(tmp_path / "run"), "--width", "32",
                               "--layers", "2", "--heads", "2", "--window", "4", "--steps", "2", "--batch-size", "2",
                               "--seq-len", "16", "--no-progress", "--eval-data", str(corpus["eval"])])
-    settings = settings_from_args(args)
+    settings = train_command.train_settings(args)
     assert settings.model.vocab_size == 512 and settings.model.width == 32 and settings.model.mlp_width == 96
     assert settings.model.block_types == ("recurrent", "recurrent") and settings.model.attention_window == 4
-    run(args)
+    train_command.run(args)
     assert rgemma.load_model(tmp_path / "run" / "final").config == settings.model

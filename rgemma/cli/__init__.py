@@ -1,0 +1,62 @@
+"""The `rgemma` command line.
+
+`main` imports only the module of the subcommand being run, and most of
+those import torch and the model code inside `run` (train and bench take
+their options' defaults from their library modules), so that `--help` and
+bad options answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with add_arguments(parser) and run(args), one-line help)
+COMMANDS = {
+    "info": ("rgemma.cli.info", "config, parameter count, dtype and state size of a model"),
+    "convert": ("rgemma.cli.convert",
+                "convert an official .pt, Flax/Orbax or HF checkpoint to the Hugging Face layout"),
+    "quantize": ("rgemma.cli.quantize",
+                 "write a checkpoint with int8 or int4 weights (the RG-LRU, conv and norms stay float)"),
+    "generate": ("rgemma.cli.generate", "continue a prompt, streaming the text"),
+    "chat": ("rgemma.cli.chat", "interactive multi-turn chat (reads stdin, also when not a terminal)"),
+    "prepare-data": ("rgemma.cli.prepare_data",
+                     "build the public-domain training corpus from registry packages"),
+    "tokenize": ("rgemma.cli.tokenize", "turn a JSON-lines corpus into a token file for training"),
+    "train": ("rgemma.cli.train", "train a Griffin from scratch on a token file (resumes a run)"),
+    "bench": ("rgemma.cli.bench",
+              "speed and memory of rgemma, transformers and the official code, side by side on the same weights"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand by name and help; only `command`'s module is imported, for its options."""
+    parser = argparse.ArgumentParser(prog="rgemma", description="Run and convert RecurrentGemma / Griffin models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        subparser = commands.add_parser(name, help=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(subparser)
+            subparser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The top-level parser has no options that take a value, so the first word is the subcommand.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as error:
+        # Bad input: one line that names the problem, no traceback.
+        print(f"rgemma: error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("rgemma: interrupted", file=sys.stderr)
+        return 130
+    return 0

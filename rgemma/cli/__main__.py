@@ -1,0 +1,5 @@
+import sys
+
+from rgemma.cli import main
+
+sys.exit(main())

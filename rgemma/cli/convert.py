@@ -1,0 +1,22 @@
+"""`rgemma convert`: an official .pt, Flax/Orbax or HF checkpoint to the Hugging Face layout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rgemma.cli.options import DTYPES, torch_dtype
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src")
+    parser.add_argument("dst", help="output directory (must not exist)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="convert the weights to this dtype")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
+
+
+def run(args: argparse.Namespace) -> None:
+    from rgemma.checkpoint import convert
+
+    convert(args.src, args.dst, dtype=torch_dtype(args.dtype), max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {args.dst}", file=sys.stderr)
