@@ -1,6 +1,7 @@
 """The `rgemma` command as a user runs it: real processes, one-line errors, no partial output."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -112,3 +113,20 @@ def test_subcommand_help_imports_only_its_own_module(command, options):
         assert option in stdout, option
     if command not in ("train", "bench"):  # those two take their defaults from their library modules
         assert "torch" not in loaded
+
+
+@pytest.mark.parametrize("args", [["generate", "Hello", "--max-tokens", "50"], ["info", "tiny"]])
+def test_a_closed_stdout_ends_quietly(args):
+    # As under `rgemma ... | head -c 1` once head has gone: every write to stdout fails. generate fails
+    # while streaming; info's few lines wait in stdout's buffer (unless PYTHONUNBUFFERED) until it is flushed.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    try:
+        result = subprocess.run([sys.executable, "-m", "rgemma.cli", *args], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0, result.stderr
+    for sign in ("Traceback", "Exception ignored", "Broken pipe", "BrokenPipeError"):
+        assert sign not in result.stderr, result.stderr

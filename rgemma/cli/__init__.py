@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module with add_arguments(parser) and run(args), one-line help)
@@ -50,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         args.run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly. Python flushes stdout at exit, so point
+        # it at devnull, or that flush fails again (as the Python docs on SIGPIPE recommend).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as error:
         # Bad input: one line that names the problem, no traceback.
         print(f"rgemma: error: {error}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        return 0
     except KeyboardInterrupt:
         print("rgemma: interrupted", file=sys.stderr)
         return 130
