@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from rgemma._io import atomic_file
 from rgemma.config import RECURRENT, Config
 
 
@@ -189,15 +189,8 @@ def save_state(
         "layer_types": json.dumps([type(layer).__name__ for layer in state.layers]),
         "position": json.dumps(state.position.tolist()),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as temporary:
         save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, temporary, metadata=header)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def load_state(path: str | os.PathLike, model) -> tuple[State, dict[str, torch.Tensor], dict[str, str]]:
