@@ -175,22 +175,24 @@ def tensor_bytes(value) -> int:
 def _load_rgemma(path, dtype, device, quantize: int | None = None):
     from rgemma.checkpoint import load_model
 
-    return load_model(path, dtype=dtype, device=device, quantize=quantize).eval()
+    model = load_model(path, dtype=dtype, device=device, quantize=quantize).eval()
+    _backend(model)  # prepared for its device before anything runs
+    return model
+
+
+@functools.cache
+def _backend(model):
+    from rgemma.backends import prepare
+
+    return prepare(model)
 
 
 def _prefill_rgemma(model, tokens):
     return model.prefill(tokens)
 
 
-@functools.cache
-def _decode_step(model):
-    from rgemma.decode import DecodeStep
-
-    return DecodeStep(model)
-
-
 def _step_rgemma(model, tokens, state, position):
-    return _decode_step(model)(tokens, state)
+    return _backend(model).step(tokens, state)
 
 
 def _random_rgemma_state(model, batch: int, length: int):
@@ -488,11 +490,11 @@ def measure(job: dict) -> None:
 
 def read_bandwidth(device: torch.device) -> dict:
     """Bytes/s reading a 1 GiB tensor: torch's sum, and rgemma's native read loop on CPUs that build it."""
-    from rgemma import kernels
+    from rgemma.backends.native import kernels
 
     probe = torch.ones(BANDWIDTH_PROBE_BYTES // 4, dtype=torch.float32, device=device)
     probes = {"torch_sum": lambda: probe.sum()}
-    native = kernels.native() if device.type == "cpu" else None
+    native = kernels() if device.type == "cpu" else None
     if native is not None:
         probes["native_read_all"] = lambda: native.read_all(probe)
     found = {name: BANDWIDTH_PROBE_BYTES / _best_seconds(fn, device, repeats=5) for name, fn in probes.items()}
@@ -505,10 +507,10 @@ def matmul_throughput(shape: tuple[int, int, int], dtype: torch.dtype, device: t
     CPUs without bf16/fp16 arithmetic run those GEMMs many times slower than
     float32 (rgemma computes in float32 there), so they are not measured.
     """
-    from rgemma import kernels
+    from rgemma.backends import Options
 
     m, k, n = shape
-    native = dtype if device.type == "cuda" else kernels.cpu_matmul_dtype(dtype)
+    native = dtype if device.type == "cuda" or Options().resolved().native_bf16 else torch.float32
     found = {}
     for kind in dict.fromkeys([torch.float32, native]):
         a = torch.randn(m, k, device=device).to(kind)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from rgemma.generate import Context, Generation, Request
+from rgemma.context import Context
+from rgemma.engine import Engine, Request
+from rgemma.generate import Generation
 from rgemma.sampling import SamplingParams
 from rgemma.state import StateFileError
 from rgemma.tokenizer import chat_prompt, next_user_turn
@@ -19,9 +21,10 @@ HELP = "commands: /save FILE, /load FILE, /reset, /quit"
 
 
 class Chat:
-    def __init__(self, model, tokenizer, sampling: SamplingParams, max_tokens: int, system: str | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, engine: Engine, sampling: SamplingParams, max_tokens: int, system: str | None = None):
+        self.engine = engine
+        self.model = engine.model
+        self.tokenizer = engine.tokenizer
         self.sampling = sampling
         self.max_tokens = max_tokens
         self.system = system
@@ -42,7 +45,7 @@ class Chat:
     def reply(self, message: str, out: TextIO) -> Generation:
         """Stream the model's answer to `out`; the context moves on past it."""
         request = Request(self.turn_tokens(message), self.sampling, self.max_tokens, keep_context=True)
-        generation = Generation(self.model, [request], self.tokenizer, self.context)
+        generation = Generation(self.engine, [request], self.context)
         for events in generation:
             out.write(events[0].text)
             out.flush()

@@ -10,8 +10,12 @@ new document (the state is reset, and neither the convolution nor attention
 looks across it); position -1 marks left padding, which leaves the state and
 every real token's output unchanged.
 
-The state passed to a forward call is updated in place and returned; use
-`state.clone()` to keep a snapshot.
+The state passed to a forward call is updated in place and returned (the
+rule in rgemma/state.py); use `state.clone()` to keep a snapshot.
+
+This file is plain PyTorch and knows no speed path: `rgemma.backends`
+rewrites a model from outside for its device (native kernels, compute dtype,
+CUDA graphs), and finds the weights it needs through the table below.
 """
 
 from __future__ import annotations
@@ -25,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rgemma import kernels
-from rgemma.config import RECURRENT, Config
+from rgemma.config import ATTENTION, RECURRENT, Config
 from rgemma.scan import linear_scan
 from rgemma.state import AttentionState, RecurrentState, State
 
@@ -34,11 +37,35 @@ from rgemma.state import AttentionState, RecurrentState, State
 # O(T x W), never O(T^2).
 ATTENTION_QUERY_BLOCK = 512
 # Long inputs to `prefill` are read in chunks of this many tokens, by device
-# type: enough rows for an efficient GEMM. On CPUs a 2b chunk's activations
-# stay near 0.6 GiB (2048-token chunks peaked at 1.8 GiB above the weights).
-# On an H200 a 4096-token 2b bf16 prefill ran 14k tokens/s in 512-token chunks
-# and 46k in 2048-token ones, peaking 0.24 and 0.81 GiB above the weights.
+# type: enough rows for an efficient GEMM, few enough that a chunk's
+# activations stay small beside the weights (CPUs have less memory to spare;
+# a GPU needs larger GEMMs to be busy). docs/PERFORMANCE.md has the figures.
 PREFILL_CHUNKS = {"cpu": 512, "cuda": 2048}
+
+# The weight table: each residual block's parts by role, as module paths inside
+# the block, in the order the native decode step takes them. Checkpoint
+# formats, quantization, the training decay groups and the backends all find
+# weights through it, so a module renamed here is renamed everywhere.
+EMBEDDING = "embed_tokens"  # also the tied output layer
+FINAL_NORM = "final_norm"
+NORMS = ("temporal_pre_norm", "channel_pre_norm")
+TEMPORAL_LINEARS = {
+    RECURRENT: ("temporal_block.linear_y", "temporal_block.linear_x", "temporal_block.linear_out"),
+    ATTENTION: ("temporal_block.q_proj", "temporal_block.k_proj", "temporal_block.v_proj", "temporal_block.o_proj"),
+}
+MLP_LINEARS = ("mlp_block.gate_proj", "mlp_block.up_proj", "mlp_block.down_proj")
+CONV = "temporal_block.conv_1d"
+RG_LRU = "temporal_block.rg_lru"
+
+
+def block_linears(block_type: str) -> tuple[str, ...]:
+    """The paths of a block's matrices (temporal, then MLP), in the table's order."""
+    return TEMPORAL_LINEARS[block_type] + MLP_LINEARS
+
+
+def linear_paths(config: Config) -> list[str]:
+    """Model paths of every matrix: the embedding and each block's linears (what quantization stores)."""
+    return [EMBEDDING] + [f"layers.{i}.{path}" for i, kind in enumerate(config.block_types) for path in block_linears(kind)]
 # Gradient of sqrt is clipped at this value (bf16 training stability).
 MAX_SQRT_GRADIENT = 1000.0
 
@@ -106,21 +133,22 @@ class RMSNorm(nn.Module):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return F.rms_norm(x.float(), x.shape[-1:], 1.0 + self.weight.float(), self.eps).to(x.dtype)
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose inference products go through `rgemma.kernels` (decode kernels, CPU GEMM dtype)."""
+    """nn.Linear computing in the activations' dtype, which may be wider than the weights'."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class Embedding(nn.Embedding):
     """Token embedding that also serves as the tied output layer."""
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(hidden, self.weight)
+        return F.linear(hidden, self.weight.to(hidden.dtype))
 
 
 def _normal_(weight: torch.Tensor, variance_scale: float, fan_in: int):
@@ -186,9 +214,10 @@ class Conv1D(nn.Module):
             # A tap `back` steps behind a token at document position p exists only if p >= back.
             back = torch.arange(num_taps, -1, -1, device=x.device)
             windows = windows * (layout.positions[..., None] >= back)[:, :, None, :].to(x.dtype)
-        weight = kernels.parameter_as(self.weight, x.dtype)[:, 0]  # (L, C + 1)
-        out = kernels.parameter_as(self.bias, x.dtype) + (windows * weight).sum(dim=-1)
-        return out, history[:, -num_taps:].clone()  # a view would keep all of `history` alive
+        weight = self.weight.to(x.dtype)[:, 0]  # (L, C + 1)
+        out = self.bias.to(x.dtype) + (windows * weight).sum(dim=-1)
+        # float32 whatever x's dtype (see State); a copy, as a view would keep all of `history` alive.
+        return out, history[:, -num_taps:].to(torch.float32, copy=True)
 
 
 class _SqrtClippedGradient(torch.autograd.Function):
@@ -240,7 +269,7 @@ class RGLRU(nn.Module):
     def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         heads = x.view(batch, length, self.num_heads, -1)  # (B, T, H, L/H)
-        y = kernels.block_diagonal_linear(heads, weight) + kernels.parameter_as(bias, x.dtype)
+        y = torch.einsum("bthi,hij->bthj", heads, weight.to(x.dtype)) + bias.to(x.dtype)
         return torch.sigmoid(y.float()).reshape(batch, length, width)
 
     def forward(
@@ -249,7 +278,7 @@ class RGLRU(nn.Module):
         """x (B, T, L), h0 (B, L) float32 -> y (B, T, L), last state (B, L) float32."""
         input_gate = self._gate(x, self.input_gate_weight, self.input_gate_bias)
         recurrence_gate = self._gate(x, self.recurrent_gate_weight, self.recurrent_gate_bias)
-        log_a = -8.0 * recurrence_gate * F.softplus(kernels.parameter_as(self.recurrent_param, torch.float32))
+        log_a = -8.0 * recurrence_gate * F.softplus(self.recurrent_param.float())
         a = torch.exp(log_a)
         # sqrt(1 - a^2) normalises the input; -expm1 keeps precision when a -> 1.
         one_minus_a_sq = -torch.expm1(2.0 * log_a)
@@ -287,9 +316,11 @@ class RecurrentBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, state: RecurrentState) -> torch.Tensor:
         y = F.gelu(self.linear_y(x), approximate="tanh")
-        u, state.conv = self.conv_1d(self.linear_x(x), layout, state.conv)
-        h0 = state.h if layout.has_history else None
-        u, state.h = self.rg_lru(u, layout, h0)
+        u, taps = self.conv_1d(self.linear_x(x), layout, state.conv)
+        h0 = state.h.clone() if layout.has_history else None  # a copy: state.h is overwritten below
+        u, h_last = self.rg_lru(u, layout, h0)
+        state.conv.copy_(taps)
+        state.h.copy_(h_last)
         return self.linear_out(u * y)
 
 
@@ -373,14 +404,12 @@ class LocalAttention(nn.Module):
                 & (cached_distance >= 0) & (cached_distance <= self.window)
             )
             parts.insert(0, (state.k.to(k.dtype), state.v.to(v.dtype), cached_visible | is_pad))
-        if kernels.is_decode_sized(q[:, start:end], q.shape[-1] * q.shape[-2]):
-            return kernels.attend_few(q[:, start:end], parts, self.head_dim**-0.5)
-        keys, values, visible = kernels.join_parts(parts)
+        keys, values, visible = zip(*parts)  # parts of (B, S_i, K), (B, S_i, K), (B, Q, S_i)
         out = F.scaled_dot_product_attention(
             q[:, start:end].transpose(1, 2),  # (B, H, Q, K)
-            keys[:, None],  # (B, 1, S, K)
-            values[:, None],
-            attn_mask=visible[:, None],  # (B, 1, Q, S)
+            torch.cat(keys, dim=1)[:, None],  # (B, 1, S, K)
+            torch.cat(values, dim=1)[:, None],
+            attn_mask=torch.cat(visible, dim=2)[:, None],  # (B, 1, Q, S)
             scale=self.head_dim**-0.5,
             enable_gqa=True,
         )
@@ -438,6 +467,7 @@ class Griffin(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.width, **factory)
         self.layers = nn.ModuleList(ResidualBlock(config, block_type, **factory) for block_type in config.block_types)
         self.final_norm = RMSNorm(config.width, config.norm_eps, **factory)
+        self._activation_dtype: torch.dtype | None = None
         if torch.device(device or "cpu").type != "meta":
             self.reset_parameters()
 
@@ -460,8 +490,13 @@ class Griffin(nn.Module):
 
     @property
     def activation_dtype(self) -> torch.dtype:
-        """The weights' dtype, or float32 where the CPU has no native bf16/fp16 arithmetic."""
-        return kernels.activation_dtype(self.dtype, self.device)
+        """The dtype activations are computed in: the weights' unless set wider (bf16 weights computing in
+        float32 where the device has no fast bf16 arithmetic; `rgemma.backends` decides)."""
+        return self._activation_dtype or self.dtype
+
+    @activation_dtype.setter
+    def activation_dtype(self, dtype: torch.dtype | None) -> None:
+        self._activation_dtype = dtype
 
     def init_state(self, batch_size: int) -> State:
         return State.zeros(self.config, batch_size, dtype=self.activation_dtype, device=self.device)
@@ -489,7 +524,7 @@ class Griffin(nn.Module):
             state = self.init_state(tokens.shape[0])
         hidden = self._run_layers(tokens, layout, state)
         last = positions[:, -1]
-        state.position = torch.where(last >= 0, last + 1, state.position)
+        state.position.copy_(torch.where(last >= 0, last + 1, state.position))
         return hidden, state
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -514,7 +549,7 @@ class Griffin(nn.Module):
             raise ValueError(f"a step reads tokens of shape ({state.batch_size}, 1), got {tuple(tokens.shape)}")
         positions = state.position[:, None]  # (B, 1)
         hidden = self._run_layers(tokens, TokenLayout.of_step(positions), state)
-        state.position = positions[:, 0] + 1
+        state.position.add_(1)
         return self.logits(hidden[:, -1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -24,10 +24,10 @@ header (see `Quantization`); nothing is guessed from names. One format per
 checkpoint: a module that cannot be stored in it is an error, never quietly
 kept in another precision.
 
-Products with a few rows (decoding) on a CPU with the native kernels use
-them: they quantize the activations to int8 too, in blocks, and multiply in
-integers. Every other product dequantizes the weight, a block of output rows
-at a time, and uses F.linear: the plain PyTorch path, also used on GPUs.
+The modules here compute plainly: they dequantize the weight, a block of
+output rows at a time, and use F.linear. On CPUs the backend
+(rgemma/backends/cpu.py) sends products with a few rows (decoding) to native
+kernels that quantize the activations to int8 too and multiply in integers.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import ctypes
 import dataclasses
 import functools
 import math
-import re
 import sys
 from collections.abc import Iterable
 
@@ -44,24 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rgemma import kernels
-from rgemma.model import Embedding, Griffin, Linear
+from rgemma.model import Embedding, Griffin, Linear, linear_paths
 
 BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 64
 INT4_BLOCK = 64  # inputs per packed block: 32 bytes of two nibbles
-INT8_KERNEL_BLOCK = 32  # the int8 kernel reads rows in blocks of this many inputs
 # Quantizing and the plain path work on blocks of rows of about this many
 # weights, so no float copy of a whole large matrix (the embedding) is ever made.
 CHUNK_WEIGHTS = 1 << 20
 HUGE_PAGE = 2 * 2**20
 MADV_HUGEPAGE = 14  # linux/mman.h
-# Our names of the modules that are quantized; everything else stays float.
-QUANTIZED_MODULES = re.compile(
-    r"embed_tokens"
-    r"|layers\.\d+\.mlp_block\.(gate|up|down)_proj"
-    r"|layers\.\d+\.temporal_block\.(linear_x|linear_y|linear_out|q_proj|k_proj|v_proj|o_proj)"
-)
 
 
 def check_format(bits: int, group_size: int | None = DEFAULT_GROUP_SIZE) -> None:
@@ -211,20 +202,11 @@ class QuantizedLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        return self.product(x)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.uses_kernel(x) and self._fits_kernel():
-            y = self._native(kernels.rows_float32(x))  # (rows, N) float32
-            if self.bias is not None:
-                y += kernels.parameter_as(self.bias, y.dtype)
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        compute = kernels.cpu_matmul_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
-        return self._plain(x.to(compute)).to(x.dtype)
-
-    def _plain(self, x: torch.Tensor) -> torch.Tensor:
-        """F.linear on the dequantized weight, a block of output rows at a time."""
-        bias = None if self.bias is None else kernels.parameter_as(self.bias, x.dtype)
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T + b on the dequantized weight, a block of output rows at a time, in x's dtype."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         blocks = list(_row_chunks(self.out_features, self.in_features))
         if len(blocks) == 1:
             return F.linear(x, self.dequantize(slice(None), x.dtype), bias)
@@ -232,12 +214,6 @@ class QuantizedLinear(nn.Module):
         for block in blocks:
             out[..., block] = F.linear(x, self.dequantize(block, x.dtype), None if bias is None else bias[block])
         return out
-
-    def _fits_kernel(self) -> bool:
-        return True
-
-    def _native(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def dequantize(self, rows, dtype: torch.dtype) -> torch.Tensor:
         """The weight's rows `rows` (a slice or a tensor of indices) in `dtype`: (..., K)."""
@@ -277,12 +253,6 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
 
-    def _fits_kernel(self) -> bool:
-        return self.in_features % INT8_KERNEL_BLOCK == 0  # else the plain path
-
-    def _native(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.native().int8_linear(x, self.qweight, self.scale)
-
     def dequantize(self, rows, dtype: torch.dtype) -> torch.Tensor:
         return (self.qweight[rows].float() * self.scale[rows, None]).to(dtype)
 
@@ -311,11 +281,6 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16, device=device))
         self.register_buffer("minimum", torch.empty(out_features, groups, dtype=torch.float16, device=device))
 
-    def _native(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padded_features != self.in_features:
-            x = F.pad(x, (0, self.padded_features - self.in_features))  # zeros meet the padding of the weights
-        return kernels.native().int4_linear(x, self.qweight, self.scale, self.minimum, self.group_size)
-
     def dequantize(self, rows, dtype: torch.dtype) -> torch.Tensor:
         q = unpack_int4(self.qweight[rows]).unflatten(-1, (-1, self.group_size)).float()  # (..., Kp/G, G)
         w = q * self.scale[rows].float()[..., None] + self.minimum[rows].float()[..., None]
@@ -335,7 +300,7 @@ class QuantizedEmbedding:
         return self.dequantize(tokens, self.dtype)
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden)
+        return self.product(hidden)
 
 
 class Int8Embedding(QuantizedEmbedding, Int8Linear):
@@ -350,11 +315,8 @@ class Int4Embedding(QuantizedEmbedding, Int4Linear):
 
 
 def quantizable(model: Griffin) -> list[str]:
-    """Names of the float modules `quantize_model` replaces."""
-    return [
-        name for name, module in model.named_modules()
-        if QUANTIZED_MODULES.fullmatch(name) and isinstance(module, (Linear, Embedding))
-    ]
+    """Names of the float modules `quantize_model` replaces: the matrices of the model's weight table."""
+    return [name for name in linear_paths(model.config) if isinstance(model.get_submodule(name), (Linear, Embedding))]
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:

@@ -6,6 +6,15 @@ attention state (a ring buffer of exactly one window of keys and values, with
 the document position of each slot). Its size depends on the batch size and
 the config, never on how many tokens were seen.
 
+The one rule, the same on every device and every path (the model's forward
+and step, the native CPU step, a replayed CUDA graph): **reading tokens
+updates the State it is given in place and returns that same object**. Its
+tensors keep their identity, shape, dtype and storage; only their values
+change. So a pool of sequences can hand out views of its rows and see them
+move on, and a CUDA graph can replay over them. `clone`, `select` and
+`merge` return new states that share nothing with the old; to keep a
+snapshot, `clone()` before reading on.
+
 Shapes: B batch, L lru width, C conv taps (conv_width - 1), W window, K head dim.
 """
 
@@ -30,7 +39,7 @@ from rgemma.config import RECURRENT, Config
 @dataclasses.dataclass
 class RecurrentState:
     h: torch.Tensor  # (B, L) float32
-    conv: torch.Tensor  # (B, C, L) inputs of the conv, oldest first
+    conv: torch.Tensor  # (B, C, L) float32 inputs of the conv, oldest first
 
 
 @dataclasses.dataclass
@@ -65,13 +74,16 @@ class State:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> State:
-        """An empty state: as if nothing had been read. `dtype` is that of the activations."""
+        """An empty state: as if nothing had been read. `dtype` is that of the activations, which the
+        attention rings keep; the recurrent parts are float32 whatever it is, so that every backend's decode
+        step (which computes them in float32) reads and writes them in place."""
         layers: list[LayerState] = []
         for block_type in config.block_types:
             if block_type == RECURRENT:
                 layers.append(RecurrentState(
                     h=torch.zeros(batch_size, config.lru_width, dtype=torch.float32, device=device),
-                    conv=torch.zeros(batch_size, config.conv_width - 1, config.lru_width, dtype=dtype, device=device),
+                    conv=torch.zeros(batch_size, config.conv_width - 1, config.lru_width, dtype=torch.float32,
+                                     device=device),
                 ))
             else:
                 shape = (batch_size, config.attention_window, config.head_dim)

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 import rgemma
-from rgemma.generate import Generation, Request
+from rgemma.engine import Engine, Request
+from rgemma.generate import Generation
 from rgemma.sampling import SamplingParams
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -45,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = rgemma.Griffin(rgemma.Config.preset(args.preset, **overrides)).eval()
     request = Request([2, 10, 20, 30], SamplingParams(temperature=1.0, seed=0), max_tokens=args.tokens, ignore_eos=True)
-    generation = Generation(model, [request])
+    generation = Generation(Engine(model), [request])
     samples = []
     start = time.perf_counter()
     with tqdm(total=args.tokens, unit="tok", desc="generating") as bar:

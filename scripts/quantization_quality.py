@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 import rgemma
-from rgemma import kernels
+from rgemma.backends import prepare
+from rgemma.backends.cpu import MAX_KERNEL_ROWS
 from rgemma.hub import DEFAULT_MODEL
 from rgemma.tokenizer import Tokenizer
 
@@ -161,7 +162,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512, help="report the generation in windows of this many")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt: this many tokens of a held-out text")
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--feed", type=int, default=kernels.MAX_KERNEL_ROWS,
+    parser.add_argument("--feed", type=int, default=MAX_KERNEL_ROWS,
                         help="quantized models read the continuation this many tokens at a time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-size", type=int, default=64, help="int4 group size")
@@ -173,10 +174,12 @@ def main() -> None:
     started = time.time()
     tokenizer = Tokenizer.find(args.model)
     reference = rgemma.load_model(args.model).eval()
+    prepare(reference)
     reference_name = str(reference.dtype).removeprefix("torch.")
     models = {reference_name: reference}
     for bits in BITS:
         models[f"int{bits}"] = rgemma.load_model(args.model, quantize=bits, group_size=args.group_size).eval()
+        prepare(models[f"int{bits}"])
 
     documents = held_out_documents(Path(args.corpus), tokenizer, args.tokens, args.doc_tokens)
     text = real_text(models, tokenizer, documents)

@@ -7,7 +7,9 @@ import torch
 
 import rgemma
 from rgemma.chat import Chat
-from rgemma.generate import Context, Generation, Request, StopStrings, prefill
+from rgemma.context import Context
+from rgemma.engine import Engine, Request, StopStrings
+from rgemma.generate import Generation, prefill
 from rgemma.sampling import SamplingParams
 from rgemma.state import StateFileError
 from rgemma.tokenizer import Tokenizer
@@ -40,7 +42,7 @@ def model(official):
 
 def run(model, tokenizer, requests, context=None):
     """All events of a generation, per request: (tokens, text, finish_reason)."""
-    generation = Generation(model, requests, tokenizer, context)
+    generation = Generation(Engine(model, tokenizer), requests, context)
     out = {i: ([], [], None) for i in range(len(requests))}
     for events in generation:
         for e in events:
@@ -158,7 +160,7 @@ def test_long_prompt_reads_in_chunks(model, tokenizer):
 
 
 def test_chat_turn_reads_only_its_own_tokens(model, tokenizer):
-    chat = Chat(model, tokenizer, GREEDY, max_tokens=8, system="Be brief.")
+    chat = Chat(Engine(model, tokenizer), GREEDY, max_tokens=8, system="Be brief.")
     out = io.StringIO()
     first = chat.reply("Tell me a long story about the sea and the sky.", out)
     history = list(chat.context.tokens[0])

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 
 import rgemma
-from rgemma import kernels
+from rgemma.backends import cpu
+from rgemma.backends.native import kernels
+from rgemma.model import RMSNorm
 from rgemma.quantize import pack_int4
 
-pytestmark = pytest.mark.skipif(kernels.native() is None, reason="the native CPU kernels cannot be built here")
+pytestmark = pytest.mark.skipif(kernels() is None, reason="the native CPU kernels cannot be built here")
 
 ROWS = range(1, 18)  # one more than the decode limit: the kernels take any M
 OUTPUTS = 13  # not a multiple of the 4-row strips
@@ -74,7 +76,7 @@ def test_int8_kernel_equals_its_mirror(inputs):
     scale = torch.rand(OUTPUTS, generator=generator) * 0.02
     for rows in ROWS:
         x = activations(rows, inputs, seed=rows)
-        y = kernels.native().int8_linear(x, q, scale)
+        y = kernels().int8_linear(x, q, scale)
         expected = int8_mirror(x, q, scale)
         close(y, expected)
         if rows == 3:  # the tolerance resolves the activation quantization
@@ -92,7 +94,7 @@ def test_int4_kernel_equals_its_mirror(inputs, group):
     minimum = (-torch.rand(OUTPUTS, groups, generator=generator) * 0.08).half()
     for rows in ROWS:
         x = activations(rows, inputs, seed=100 + rows)
-        y = kernels.native().int4_linear(x, packed, scale, minimum, group)
+        y = kernels().int4_linear(x, packed, scale, minimum, group)
         close(y, int4_mirror(x, packed, scale, minimum, group))
 
 
@@ -105,7 +107,7 @@ def test_int4_kernel_reads_the_documented_nibble_layout():
         packed = pack_int4(q)
         byte = (k // 64) * 32 + k % 32
         assert packed[0, byte] == (1 if k % 64 < 32 else 16)  # low nibble: inputs 0-31 of a block; high: 32-63
-        y = kernels.native().int4_linear(x, packed, torch.ones(1, 2).half(), torch.zeros(1, 2).half(), 64)
+        y = kernels().int4_linear(x, packed, torch.ones(1, 2).half(), torch.zeros(1, 2).half(), 64)
         amax = x[0, (k // 64) * 64 : (k // 64) * 64 + 64].abs().max()
         xq = torch.round(x[0, k] * (127.0 / amax)) * (amax / 127.0)  # x[k] after activation quantization
         torch.testing.assert_close(y[0, 0], xq, rtol=1e-6, atol=0)
@@ -118,7 +120,7 @@ def test_float_kernel_equals_f_linear(dtype, inputs):
     w = torch.randn(OUTPUTS, inputs, generator=generator).to(dtype)
     for rows in ROWS:
         x = torch.randn(rows, inputs, generator=generator)
-        close(kernels.native().float_linear(x, w), F.linear(x.double(), w.double()))
+        close(kernels().float_linear(x, w), F.linear(x.double(), w.double()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -130,7 +132,7 @@ def test_block_diagonal_kernel_equals_einsum(dtype, heads, inputs, outputs):
     for rows in (1, 2, 5, 16):
         x = torch.randn(rows, heads, inputs, generator=generator)
         expected = torch.einsum("mhi,hij->mhj", x.double(), w.double())
-        close(kernels.native().block_diagonal_linear(x, w), expected)
+        close(kernels().block_diagonal_linear(x, w), expected)
 
 
 def attention_reference(q, parts, scale):
@@ -147,7 +149,7 @@ def attention_reference(q, parts, scale):
     (3, 2, 3, 20, 700),  # a head dim with a tail of 4; chunks of keys ending mid-way
     (2, 5, 1, 8, 0),  # no history: the new keys only
 ])
-def test_attend_few_kernel_equals_softmax_attention(dtype, batch, queries, heads, head_dim, cached, monkeypatch):
+def test_attend_few_kernel_equals_softmax_attention(dtype, batch, queries, heads, head_dim, cached):
     generator = torch.Generator().manual_seed(cached + heads)
     q = torch.randn(batch, queries, heads, head_dim, generator=generator)
     parts = []
@@ -158,38 +160,39 @@ def test_attend_few_kernel_equals_softmax_attention(dtype, batch, queries, heads
         visible[..., -1] = True  # every query sees at least one key
         parts.append((keys, values, visible))
     expected = attention_reference(q, parts, head_dim**-0.5)
-    close(kernels.native().attend_few(q, *(list(t) for t in zip(*parts)), head_dim**-0.5), expected)
-    close(kernels.attend_few(q, parts, head_dim**-0.5), expected)  # the model's entry point: the kernel
-    monkeypatch.setattr(kernels, "native", lambda: None)  # ... and its PyTorch path, where there is none
-    close(kernels.attend_few(q, parts, head_dim**-0.5), expected)
+    close(kernels().attend_few(q, *(list(t) for t in zip(*parts)), head_dim**-0.5), expected)
 
 
-def test_linear_widens_narrow_weights_a_slice_at_a_time(monkeypatch):
-    """bf16 weights with float32 activations: the GEMM path equals F.linear on the widened weight."""
-    monkeypatch.setattr(kernels, "WIDEN_BYTES", 7 * 40 * 4)  # 7 rows per slice: 3 slices, the last short
+@torch.no_grad()
+def test_native_linear_widens_narrow_weights_a_slice_at_a_time(monkeypatch):
+    """bf16 weights with float32 activations: the GEMM path equals F.linear on the widened weight, and so does
+    the native kernel for decode-sized inputs."""
+    monkeypatch.setattr(cpu, "WIDEN_BYTES", 7 * 40 * 4)  # 7 rows per slice: 3 slices, the last short
     generator = torch.Generator().manual_seed(0)
-    w = torch.randn(17, 40, generator=generator).bfloat16()
-    bias = torch.randn(17, generator=generator).bfloat16()
+    linear = rgemma.model.Linear(40, 17, dtype=torch.bfloat16)
+    linear.weight.copy_(torch.randn(17, 40, generator=generator))
+    linear.bias.copy_(torch.randn(17, generator=generator))
+    linear.__class__ = cpu.NativeLinear
     x = torch.randn(2, 30, 40, generator=generator)  # 60 rows: past the decode kernels
-    expected = F.linear(x, w.float(), bias.float())
-    torch.testing.assert_close(kernels.linear(x, w, bias), expected, rtol=1e-5, atol=1e-5)
+    expected = F.linear(x, linear.weight.float(), linear.bias.float())
+    torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5)
     decode = x[:, :1]  # 2 rows: the native kernel
-    torch.testing.assert_close(kernels.linear(decode, w, bias), expected[:, :1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear(decode), expected[:, :1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [37, 2560])  # a tail of 5; the 2b width
-def test_rms_norm_kernel_equals_the_formula(dtype, width, monkeypatch):
+def test_rms_norm_kernel_equals_the_formula(dtype, width):
     generator = torch.Generator().manual_seed(width)
     weight = (0.1 * torch.randn(width, generator=generator)).to(dtype)  # stored zero-centred
     for rows in (1, 3, 16):
         x = 3.0 * torch.randn(2, rows, 1, width, generator=generator)[0]
         expected = F.rms_norm(x.double(), (width,), 1.0 + weight.double(), 1e-6)
-        close(kernels.native().rms_norm(x.reshape(-1, width), weight, 1e-6).view(x.shape), expected)
-        close(kernels.rms_norm(x, weight, 1e-6), expected)  # the model's entry point: the kernel
-        with monkeypatch.context() as patch:  # ... and its PyTorch path, where there is none
-            patch.setattr(kernels, "native", lambda: None)
-            close(kernels.rms_norm(x, weight, 1e-6), expected)
+        close(kernels().rms_norm(x.reshape(-1, width), weight, 1e-6).view(x.shape), expected)
+        norm = RMSNorm(width, 1e-6, dtype=dtype)
+        norm.weight.data = weight
+        with torch.no_grad():
+            close(norm(x), expected)  # the model's own, which the Decoder's must equal
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -209,7 +212,7 @@ def test_rglru_step_kernel_equals_the_plain_recurrence(dtype):
     h0 = torch.randn(3, 44)
     layout = TokenLayout.of_step(torch.tensor([[7], [0], [2]]))
     with torch.no_grad():
-        h = kernels.native().rglru_step(
+        h = kernels().rglru_step(
             x[:, 0], rglru.input_gate_weight, rglru.input_gate_bias.float(), rglru.recurrent_gate_weight,
             rglru.recurrent_gate_bias.float(), rglru.recurrent_param.float(), h0, layout.positions[:, 0],
         )
@@ -234,7 +237,7 @@ def test_conv_step_kernel_equals_the_plain_convolution(dtype):
     layout = TokenLayout.of_step(torch.tensor([[0], [1], [2], [9]]))
     with torch.no_grad():
         new_taps = taps.clone()  # shifted in place
-        out = kernels.native().conv_step(
+        out = kernels().conv_step(
             x[:, 0], new_taps, conv.weight.float()[:, 0], conv.bias.float(), layout.positions[:, 0]
         )
         expected_out, expected_taps = conv(x, layout, taps.clone())
@@ -269,7 +272,7 @@ def test_attention_step_kernel_equals_the_plain_attention(dtype):
     with torch.no_grad():
         fused = AttentionState(*(t.clone() for t in (state.k, state.v, state.pos)))
         project = lambda linear: linear(x)[:, 0].float().contiguous()  # noqa: E731  (B, out)
-        out = kernels.native().attention_step(
+        out = kernels().attention_step(
             project(attention.q_proj).view(4, config.num_heads, head_dim), project(attention.k_proj),
             project(attention.v_proj), fused.k, fused.v, fused.pos, layout.positions[:, 0],
             rope_frequencies(head_dim, config.rope_base, x.device), head_dim**-0.5,

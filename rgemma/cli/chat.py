@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rgemma.cli.options import add_generation_options, load_generator, print_stats, sampling_params
+from rgemma.cli.options import add_generation_options, load_engine, print_stats, sampling_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +16,5 @@ def run(args: argparse.Namespace) -> None:
     from rgemma import chat
 
     sampling = sampling_params(args)
-    model, tokenizer = load_generator(args)
-    session = chat.Chat(model, tokenizer, sampling, args.max_tokens, system=args.system)
+    session = chat.Chat(load_engine(args), sampling, args.max_tokens, system=args.system)
     chat.run(session, report=print_stats)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from rgemma.cli.options import add_generation_options, load_generator, print_stats, sampling_params
+from rgemma.cli.options import add_generation_options, load_engine, print_stats, sampling_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,12 +45,15 @@ def _progress_bar(total: int, device):
 
 
 def run(args: argparse.Namespace) -> None:
-    from rgemma.generate import Context, Generation, Request, prefill
+    from rgemma.context import Context
+    from rgemma.engine import Request
+    from rgemma.generate import Generation, prefill
     from rgemma.tokenizer import chat_prompt
 
     text = _prompt_text(args)
     sampling = sampling_params(args)
-    model, tokenizer = load_generator(args)
+    engine = load_engine(args)
+    model, tokenizer = engine.model, engine.tokenizer
     context = Context.load(args.state, model) if args.state else None
     if args.chat:
         if context is not None:
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
         return
     request = Request(prompt, sampling, args.max_tokens, stop=args.stop or (), ignore_eos=args.ignore_eos,
                       keep_context=bool(args.save_state))
-    generation = Generation(model, [request], tokenizer, context, prefill_progress=_progress_bar(len(prompt), model.device))
+    generation = Generation(engine, [request], context, prefill_progress=_progress_bar(len(prompt), model.device))
     pieces, tokens, logprobs, finish = [], [], [], None
     for events in generation:
         event = events[0]

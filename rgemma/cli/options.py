@@ -51,9 +51,10 @@ def add_generation_options(parser: argparse.ArgumentParser, max_tokens: int) -> 
     sampling.add_argument("--logprobs", type=int, default=0, help="report the top-n log-probabilities (--json)")
 
 
-def load_generator(args):
-    """Model and tokenizer from --model (a path, a hub id, or the embedded default)."""
+def load_engine(args):
+    """An engine over the model and tokenizer of --model (a path, a hub id, or the embedded default)."""
     from rgemma.checkpoint import load_model
+    from rgemma.engine import Engine
     from rgemma.hub import resolve_model
     from rgemma.tokenizer import Tokenizer
 
@@ -63,7 +64,7 @@ def load_generator(args):
         torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     model = load_model(path, dtype=torch_dtype(args.dtype), **quantize_options(args)).eval()
-    return model, Tokenizer.find(path)
+    return Engine(model, Tokenizer.find(path))
 
 
 def sampling_params(args):

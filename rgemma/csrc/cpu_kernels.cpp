@@ -1136,86 +1136,88 @@ torch::Tensor rglru_step(const torch::Tensor& x, const torch::Tensor& input_gate
 
 // A whole decoding step ----------------------------------------------------------------
 //
-// After the element-wise steps were fused, a 2b step still spent about 40 ms
-// (a quarter of an int4 step) in Python and in torch's fixed cost per
-// operation, between the weight products. The Decoder runs a whole step in
-// one call, from the tokens' embedding to the soft-capped logits:
-// rgemma/model.py computes the same network, and the tests compare the two
-// step by step. The weights are the model's own tensors, found by their names
-// in each block's state dict; the small ones (norms, biases, conv taps) are
-// kept as float32 copies. Between two weight products no torch operation
-// runs, and the activations live in buffers kept from step to step: the
-// weights' stream has just emptied the caches, where each torch operation's
-// code and bookkeeping cost microseconds to bring back.
+// After the element-wise steps were fused, a step still spent about a quarter
+// of its time in Python and in torch's fixed cost per operation, between the
+// weight products. The Decoder runs a whole step in one call, from the
+// tokens' embedding to the soft-capped logits: rgemma/model.py computes the
+// same network, and the tests compare the two step by step. The weights are
+// the model's own tensors, handed over by position in the order of the
+// model's weight table (rgemma/backends/cpu.py builds the lists); the small
+// ones (norms, biases, conv taps) are kept as float32 copies. Between two
+// weight products no torch operation runs, and the activations live in
+// buffers kept from step to step: the weights' stream has just emptied the
+// caches, where each torch operation's code and bookkeeping cost
+// microseconds to bring back.
 
-using Tensors = std::unordered_map<std::string, torch::Tensor>;
+// A linear layer as handed over: its format's tensors ([weight], [qweight,
+// scale] or [qweight, scale, minimum]) and its bias, if any.
+using LinearParts = std::tuple<std::vector<torch::Tensor>, std::optional<torch::Tensor>>;
+// A residual block: whether it is recurrent, its small tensors (temporal and
+// channel norms; for a recurrent block then the conv weight and bias, the
+// RG-LRU's input gate weight and bias, recurrence gate weight and bias, and
+// recurrent_param), and its linears (temporal, then the MLP's gate, up, down).
+using BlockParts = std::tuple<bool, std::vector<torch::Tensor>, std::vector<LinearParts>>;
 
-const torch::Tensor& tensor_named(const Tensors& tensors, const std::string& name) {
-  const auto found = tensors.find(name);
-  TORCH_CHECK(found != tensors.end(), "Decoder: a residual block has no tensor named '", name, "'");
-  return found->second;
-}
-
-torch::Tensor float_copy(const Tensors& tensors, const std::string& name) {
-  return tensor_named(tensors, name).to(torch::kFloat32).contiguous();
-}
-
-// A Linear or a quantized linear module's tensors under `prefix`.
-Linear linear_named(const Tensors& tensors, const std::string& prefix) {
+Linear linear_of(const LinearParts& parts) {
+  const auto& [tensors, bias] = parts;
   Linear linear;
-  if (tensors.count(prefix + "weight")) {
-    linear = Linear::floating(tensor_named(tensors, prefix + "weight"));
-  } else {
-    const torch::Tensor& q = tensor_named(tensors, prefix + "qweight");
-    const torch::Tensor& scale = tensor_named(tensors, prefix + "scale");
-    linear = q.scalar_type() == torch::kInt8
-                 ? Linear::int8(q, scale)
-                 : Linear::int4(q, scale, tensor_named(tensors, prefix + "minimum"), q.size(1) * 2 / scale.size(1));
+  switch (tensors.size()) {
+    case 1: linear = Linear::floating(tensors[0]); break;
+    case 2: linear = Linear::int8(tensors[0], tensors[1]); break;
+    case 3: linear = Linear::int4(tensors[0], tensors[1], tensors[2], tensors[0].size(1) * 2 / tensors[1].size(1)); break;
+    default: TORCH_CHECK(false, "Decoder: a linear is [weight], [qweight, scale] or [qweight, scale, minimum], got ",
+                         tensors.size(), " tensors");
   }
-  return tensors.count(prefix + "bias") ? linear.with_bias(tensor_named(tensors, prefix + "bias")) : linear;
+  return bias ? linear.with_bias(*bias) : linear;
 }
+
+torch::Tensor float_copy(const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); }
 
 class Decoder {
  public:
-  // blocks: each residual block's state dict; eps: the norms'; inverse_frequency:
-  // RoPE's (head_dim / 4). head, for `step`: the model's tensors outside the
-  // blocks (embed_tokens.*, the tied embedding in any linear format, and
-  // final_norm.weight), and the embedding's scale and the logits' soft cap (0: none).
-  Decoder(const std::vector<Tensors>& blocks, double eps, torch::Tensor inverse_frequency, const Tensors& head,
+  // blocks: see BlockParts; eps: the norms'; inverse_frequency: RoPE's (head_dim / 4).
+  // For `step`: the embedding (also the tied output layer, in any linear format)
+  // and the final norm, the embedding's scale and the logits' soft cap (0: none).
+  Decoder(const std::vector<BlockParts>& blocks, double eps, torch::Tensor inverse_frequency,
+          const std::optional<LinearParts>& embedding, const std::optional<torch::Tensor>& final_norm,
           double embedding_scale, double soft_cap)
       : eps_(eps), inverse_frequency_(inverse_frequency.to(torch::kFloat32).contiguous()),
         embedding_scale_(embedding_scale), soft_cap_(soft_cap) {
-    remember(head);
-    if (!head.empty()) {
-      embedding_ = linear_named(head, "embed_tokens.");
-      final_norm_ = float_copy(head, "final_norm.weight");
+    TORCH_CHECK(embedding.has_value() == final_norm.has_value(), "Decoder: give both the embedding and the final norm");
+    if (embedding) {
+      remember(std::get<0>(*embedding));
+      remember({*final_norm});
+      embedding_ = linear_of(*embedding);
+      final_norm_ = float_copy(*final_norm);
       width_ = final_norm_.numel();
       // Quantized rows come back in the model's float dtype, as QuantizedEmbedding returns them.
       const at::ScalarType stored = embedding_.weight.scalar_type();
       const bool quantized = stored == torch::kInt8 || stored == torch::kUInt8;
-      row_dtype_ = quantized ? tensor_named(head, "final_norm.weight").scalar_type() : torch::kFloat32;
+      row_dtype_ = quantized ? final_norm->scalar_type() : torch::kFloat32;
     }
-    for (const Tensors& t : blocks) {
-      remember(t);
+    for (const auto& [recurrent, small, linears] : blocks) {
+      remember(small);
+      for (const LinearParts& parts : linears) {
+        remember(std::get<0>(parts));
+        if (std::get<1>(parts)) remember({*std::get<1>(parts)});
+      }
+      TORCH_CHECK(small.size() == (recurrent ? 9u : 2u), "Decoder: a ", recurrent ? "recurrent" : "attention",
+                  " block has ", recurrent ? 9 : 2, " small tensors, got ", small.size());
+      TORCH_CHECK(linears.size() == (recurrent ? 6u : 7u), "Decoder: a ", recurrent ? "recurrent" : "attention",
+                  " block has ", recurrent ? 6 : 7, " linears, got ", linears.size());
       Block block;
-      block.temporal_norm = float_copy(t, "temporal_pre_norm.weight");
-      block.channel_norm = float_copy(t, "channel_pre_norm.weight");
-      block.mlp = {linear_named(t, "mlp_block.gate_proj."), linear_named(t, "mlp_block.up_proj."),
-                   linear_named(t, "mlp_block.down_proj.")};
-      block.recurrent = t.count("temporal_block.rg_lru.recurrent_param") > 0;
-      if (block.recurrent) {
-        block.linear = {linear_named(t, "temporal_block.linear_y."), linear_named(t, "temporal_block.linear_x."),
-                        linear_named(t, "temporal_block.linear_out.")};
-        const torch::Tensor conv = float_copy(t, "temporal_block.conv_1d.weight");  // (L, 1, C + 1)
+      block.recurrent = recurrent;
+      block.temporal_norm = float_copy(small[0]);
+      block.channel_norm = float_copy(small[1]);
+      const size_t temporal = recurrent ? 3 : 4;
+      for (size_t i = 0; i < linears.size(); ++i)
+        (i < temporal ? block.linear : block.mlp).push_back(linear_of(linears[i]));
+      if (recurrent) {
+        const torch::Tensor conv = float_copy(small[2]);  // (L, 1, C + 1)
         block.conv_weight = conv.view({conv.size(0), conv.size(2)});
-        block.conv_bias = float_copy(t, "temporal_block.conv_1d.bias");
-        const std::string lru = "temporal_block.rg_lru.";
-        block.rglru = rglru_weights(tensor_named(t, lru + "input_gate_weight"), tensor_named(t, lru + "input_gate_bias"),
-                                    tensor_named(t, lru + "recurrent_gate_weight"),
-                                    tensor_named(t, lru + "recurrent_gate_bias"), tensor_named(t, lru + "recurrent_param"));
+        block.conv_bias = float_copy(small[3]);
+        block.rglru = rglru_weights(small[4], small[5], small[6], small[7], small[8]);
       } else {
-        block.linear = {linear_named(t, "temporal_block.q_proj."), linear_named(t, "temporal_block.k_proj."),
-                        linear_named(t, "temporal_block.v_proj."), linear_named(t, "temporal_block.o_proj.")};
         TORCH_CHECK(block.linear[1].N == inverse_frequency_.numel() * 4,
                     "Decoder: RoPE's frequencies do not match the head dim ", block.linear[1].N);
       }
@@ -1298,8 +1300,8 @@ class Decoder {
     const void* data;
   };
 
-  void remember(const Tensors& tensors) {
-    for (const auto& [name, tensor] : tensors) sources_.push_back({tensor, tensor._version(), tensor.data_ptr()});
+  void remember(const std::vector<torch::Tensor>& tensors) {
+    for (const torch::Tensor& tensor : tensors) sources_.push_back({tensor, tensor._version(), tensor.data_ptr()});
   }
 
   Scratch scratch(int64_t M) {
@@ -1455,9 +1457,13 @@ int64_t read_all(const torch::Tensor& t) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("float_linear", &float_linear, "x (M, K) float32 @ W (N, K) float32 or bfloat16, transposed -> (M, N)");
-  m.def("int8_linear", &int8_linear, "x (M, K) float32 @ (q * scale), transposed -> (M, N)");
-  m.def("int4_linear", &int4_linear, "x (M, K) float32 @ (q * scale + minimum), transposed -> (M, N)");
+  // The products and the Decoder's calls release the GIL: a server's event
+  // loop in the same process runs on while they compute.
+  const auto without_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("float_linear", &float_linear, without_gil,
+        "x (M, K) float32 @ W (N, K) float32 or bfloat16, transposed -> (M, N)");
+  m.def("int8_linear", &int8_linear, without_gil, "x (M, K) float32 @ (q * scale), transposed -> (M, N)");
+  m.def("int4_linear", &int4_linear, without_gil, "x (M, K) float32 @ (q * scale + minimum), transposed -> (M, N)");
   m.def("block_diagonal_linear", &block_diagonal_linear,
         "x (M, H, I) float32, W (H, I, J) float32 or bfloat16 -> (M, H, J): y[m, h] = x[m, h] @ W[h]");
   m.def("attend_few", &attend_few,
@@ -1473,13 +1479,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one RG-LRU step: x (M, L), gate weights (H, L/H, L/H) and float32 biases (L), recurrent_param (L), "
         "state h (M, L), positions (M) -> new state (M, L)");
   py::class_<Decoder>(m, "Decoder", "a whole decoding step in one call")
-      .def(py::init<const std::vector<Tensors>&, double, torch::Tensor, const Tensors&, double, double>(),
-           py::arg("blocks"), py::arg("eps"), py::arg("inverse_frequency"), py::arg("head") = Tensors(),
-           py::arg("embedding_scale") = 1.0, py::arg("soft_cap") = 0.0)
+      .def(py::init<const std::vector<BlockParts>&, double, torch::Tensor, const std::optional<LinearParts>&,
+                    const std::optional<torch::Tensor>&, double, double>(),
+           py::arg("blocks"), py::arg("eps"), py::arg("inverse_frequency"), py::arg("embedding") = py::none(),
+           py::arg("final_norm") = py::none(), py::arg("embedding_scale") = 1.0, py::arg("soft_cap") = 0.0)
       .def("run", &Decoder::run, py::arg("x"), py::arg("positions"), py::arg("states"),
+           without_gil,
            "the blocks alone: x (M, D) float32 at positions (M), each block's state tensors (updated in place) "
            "-> (M, D)")
       .def("step", &Decoder::step, py::arg("tokens"), py::arg("positions"), py::arg("states"),
+           without_gil,
            "tokens (M) int64 at positions (M), each block's state tensors (updated in place) -> logits (M, V); "
            "None, with nothing changed, if the states are not laid out as it updates them")
       .def("is_current", &Decoder::is_current,
