@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from rgemma import Config, Griffin
-from rgemma.decode import DecodeStep
+from rgemma.backends import prepare
+from rgemma.engine import Engine, Request
+from rgemma.sampling import SamplingParams
 from rgemma.scan import linear_scan, linear_scan_loop
 from rgemma.triton_scan import scan as fused_scan
 
@@ -76,18 +78,40 @@ def test_graph_decoding_equals_the_plain_forward(cuda):
     prompt = torch.randint(0, 512, (3, 5), generator=torch.Generator().manual_seed(2)).to(cuda)
     _, state = model(prompt)
     plain = state.clone()
-    decode = DecodeStep(model)
-    assert decode.use_graphs
+    backend = prepare(model)
+    assert backend.decode_path == "graphs"
     token = prompt[:, -1:]
     for step in range(24):  # past the window (8): the ring buffers wrap
         if step == 12:  # rows leave the batch: a new batch size, a new graph
             state, plain, token = state.select([0, 2]), plain.select([0, 2]), token[[0, 2]]
-        if step == 18:  # a state the graph does not own is copied in
+        if step == 18:  # a state the graph was not captured over is copied in and out
             state = state.clone()
-        logits, state = decode(token, state)
+        logits, stepped = backend.step(token, state)
+        assert stepped is state  # the one rule of rgemma/state.py, on graphs too
         plain_logits, plain = model(token, state=plain)
         torch.testing.assert_close(logits, plain_logits[:, -1], rtol=0, atol=1e-5)
         token = logits.argmax(-1, keepdim=True)
-    assert sorted(decode._graphs) == [2, 3]  # both batch sizes were replayed from graphs
     for a, b in zip(state.tensors(), plain.tensors()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_engine_on_cuda_gives_each_request_its_tokens_alone(cuda):
+    """Requests joining a running batch on graphs: each equals its run alone."""
+    torch.manual_seed(0)
+    model = perturb_(Griffin(Config.preset("tiny-wide-lru"))).to(cuda).eval()
+    requests = [Request(list(range(2, 2 + n)), SamplingParams(temperature=0.0 if n % 2 else 1.0, seed=n),
+                        max_tokens=6 + n, ignore_eos=True) for n in range(1, 8)]
+
+    def tokens_of(engine, ids):
+        out = {i: [] for i in ids}
+        while engine.has_work:
+            for event in engine.step():
+                out[event.request].append(event.token)
+        return [out[i] for i in ids]
+
+    shared = Engine(model, chunk_size=4)
+    together = tokens_of(shared, [shared.add(r) for r in requests])
+    for request, tokens in zip(requests, together):
+        solo = Engine(model, chunk_size=4)
+        assert tokens_of(solo, [solo.add(request)]) == [tokens]

@@ -1,0 +1,175 @@
+"""The long-lived engine: requests join, leave and are cancelled mid-flight, and none sees the others.
+
+Each request's tokens must equal, token for token, those it gets alone, on
+the native CPU step and on the plain path: a request is prefilled alone in
+position-aligned chunks, every row of a decode step is computed on its own,
+and every request samples from its own generator.
+"""
+
+import random
+
+import pytest
+
+import rgemma
+from rgemma.backends import Options, prepare
+from rgemma.backends.native import kernels
+from rgemma.engine import Engine, Request
+from rgemma.hub import DEFAULT_MODEL
+from rgemma.sampling import SamplingParams
+from rgemma.tokenizer import Tokenizer
+
+CHUNK = 8  # small prefill chunks, so that prompts take several ticks and join mid-flight
+PATHS = [pytest.param(True, marks=pytest.mark.skipif(kernels() is None, reason="no native CPU kernels here"),
+                      id="native"),
+         pytest.param(False, id="plain")]
+
+
+@pytest.fixture(scope="module")
+def default():
+    return rgemma.load_model(DEFAULT_MODEL).eval(), Tokenizer.find(DEFAULT_MODEL)
+
+
+def engine(default, native: bool, **options) -> Engine:
+    model, tokenizer = default
+    return Engine(model, tokenizer, backend=prepare(model, Options(native_kernels=native)), chunk_size=CHUNK,
+                  **options)
+
+
+def drain(engine: Engine, ids) -> dict[int, tuple[list[int], str, str]]:
+    """Step until the given requests are done: {id: (tokens, text, finish_reason)}."""
+    out = {i: ([], [], None) for i in ids}
+    while any(engine.in_flight(i) for i in ids):
+        for event in engine.step():
+            tokens, texts, _ = out[event.request]
+            tokens.append(event.token)
+            texts.append(event.text)
+            out[event.request] = (tokens, texts, event.finish_reason)
+    return {i: (tokens, "".join(texts), reason) for i, (tokens, texts, reason) in out.items()}
+
+
+def alone(default, native: bool, request: Request):
+    solo = engine(default, native)
+    request_id = solo.add(request)
+    return drain(solo, [request_id])[request_id]
+
+
+def mixed_requests(tokenizer, count: int) -> list[Request]:
+    """Requests of many kinds: greedy and seeded, short and multi-chunk prompts, budgets, stop strings."""
+    texts = ["It was a fine morning, and", "The sea", "Once upon a time there lived a king who had three sons, "
+             "and the youngest of them was", "She said", "In the beginning"]
+    requests = []
+    for i in range(count):
+        prompt = tokenizer.encode(texts[i % len(texts)] + " " * (i % 3), bos=True)
+        sampling = SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=0.9, top_p=0.95, seed=i)
+        stop = [" the"] if i % 4 == 0 else []
+        requests.append(Request(prompt, sampling, max_tokens=4 + (7 * i) % 23, stop=stop))
+    return requests
+
+
+@pytest.mark.parametrize("native", PATHS)
+def test_requests_joining_mid_flight_equal_each_alone(default, native):
+    """17 requests: 5 at the start, the others one per step as the first ones run, two cancelled midway."""
+    _, tokenizer = default
+    requests = mixed_requests(tokenizer, 17)
+    shared = engine(default, native)
+    ids = [shared.add(r) for r in requests[:5]]
+    cancelled = set()
+    out = {i: [] for i in range(len(requests))}
+    steps = 0
+    while shared.has_work or len(ids) < len(requests):
+        if len(ids) < len(requests):
+            ids.append(shared.add(requests[len(ids)]))
+        if steps == 6:
+            for index in (2, 7):
+                assert shared.cancel(ids[index])
+                cancelled.add(index)
+        for event in shared.step():
+            out[ids.index(event.request)].append(event.token)
+        steps += 1
+    assert shared.running == 0 and shared.waiting == 0
+    for index, request in enumerate(requests):
+        if index in cancelled:
+            continue
+        tokens, _, _ = alone(default, native, request)
+        assert out[index] == tokens, f"request {index}"
+
+
+@pytest.mark.parametrize("native", PATHS)
+def test_a_request_alone_and_among_sixteen_others(default, native):
+    _, tokenizer = default
+    probe = Request(tokenizer.encode("The king said to his daughter", bos=True), SamplingParams(temperature=0.8,
+                    seed=3), max_tokens=24, ignore_eos=True)
+    crowd = engine(default, native)
+    others = [crowd.add(r) for r in mixed_requests(tokenizer, 16)]
+    probe_id = crowd.add(probe)
+    result = drain(crowd, [*others, probe_id])[probe_id]
+    assert result == alone(default, native, probe)
+
+
+def test_cancel_frees_the_slot_at_once(default):
+    _, tokenizer = default
+    shared = engine(default, kernels() is not None)
+    request = Request(tokenizer.encode("It was", bos=True), SamplingParams(temperature=0.0), max_tokens=50,
+                      ignore_eos=True)
+    ids = [shared.add(request) for _ in range(3)]
+    while shared.running < 3:
+        shared.step()
+    assert shared.cancel(ids[1])
+    assert shared.running == 2 and not shared.in_flight(ids[1])
+    assert not shared.cancel(ids[1])  # not in flight any more
+    assert all(e.request != ids[1] for e in shared.step())
+    waiting = shared.add(request)
+    assert shared.cancel(waiting) and shared.waiting == 0  # a request still reading its prompt
+
+
+def test_no_slot_leaks_over_a_thousand_random_events(default):
+    """Adds, cancels and finishes in random order: every slot is given back, and the pool stays bounded."""
+    _, tokenizer = default
+    rng = random.Random(0)
+    shared = engine(default, kernels() is not None, max_batch=6)
+    live, finished, cancelled, added = set(), set(), set(), 0
+    events = 0
+    while events < 1000:
+        if rng.random() < 0.35:
+            prompt = tokenizer.encode("The sea" + " x" * rng.randrange(12), bos=True)
+            live.add(shared.add(Request(prompt, SamplingParams(temperature=1.0, seed=added),
+                                        max_tokens=rng.randrange(1, 9), ignore_eos=rng.random() < 0.5)))
+            added += 1
+            events += 1
+        if live and rng.random() < 0.15:
+            victim = rng.choice(sorted(live))
+            assert shared.cancel(victim)
+            live.discard(victim)
+            cancelled.add(victim)
+            events += 1
+        for event in shared.step():
+            assert event.request in live
+            if event.finish_reason is not None:
+                live.discard(event.request)
+                finished.add(event.request)
+                events += 1
+        assert shared.running <= 6 and shared.capacity <= 6
+        assert shared.running + shared.waiting == len(live)
+    drain(shared, sorted(live))
+    assert not shared.has_work and shared.running == 0 and shared.waiting == 0
+    assert len(finished) + len(cancelled) + len(live) == added
+    assert not any(shared.in_flight(i) for i in range(added))
+
+
+def test_empty_prompt_and_tokens_outside_the_vocabulary_are_refused(default):
+    shared = engine(default, False)
+    with pytest.raises(ValueError, match="empty prompt"):
+        shared.add(Request([]))
+    vocab = shared.model.config.vocab_size
+    with pytest.raises(ValueError, match=f"token {vocab} is outside the vocabulary of {vocab}"):
+        shared.add(Request([2, vocab]))
+    assert not shared.has_work
+
+
+def test_the_backend_says_how_it_serves_the_model(default):
+    model, _ = default
+    described = prepare(model, Options(native_kernels=False)).describe()
+    assert described["backend"] == "cpu" and described["decode"] == "plain"
+    assert described["activations"] == "float32"
+    if kernels() is not None:
+        assert prepare(model).describe()["decode"] == "native"
