@@ -563,11 +563,18 @@ class Griffin(nn.Module):
         return logits.div_(cap).tanh_().mul_(cap)  # in place: (T, V) logits are the largest tensor
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, state: State | None = None
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, state: State | None = None,
+        *, hidden_only: bool = False,
     ) -> tuple[torch.Tensor, State]:
-        """tokens (B, T) -> logits (B, T, V) float32, updated state."""
+        """tokens (B, T) -> logits (B, T, V) float32, updated state.
+
+        With `hidden_only`, the final-normed hidden states (B, T, D) that the
+        tied output layer reads instead of the logits: training computes its
+        loss from them a chunk at a time, never holding (B, T, V) logits, and
+        still calls the model (so DDP/FSDP hooks run).
+        """
         hidden, state = self.hidden_states(tokens, positions, state)
-        return self.logits(hidden), state
+        return (hidden if hidden_only else self.logits(hidden)), state
 
     @torch.no_grad()
     def prefill(
