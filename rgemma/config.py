@@ -8,8 +8,6 @@ import itertools
 import math
 from typing import Any
 
-import torch
-
 RECURRENT = "recurrent"
 ATTENTION = "attention"
 BLOCK_TYPES = (RECURRENT, ATTENTION)
@@ -22,7 +20,10 @@ def griffin_pattern(num_layers: int) -> tuple[str, ...]:
 
 @functools.cache
 def _bfloat16_sqrt(width: int) -> float:
-    # Once per width: it is read at every decode step.
+    # Once per width: it is read at every decode step. torch is imported here, not above, so that
+    # the command line reads presets and settings without loading it.
+    import torch
+
     return torch.tensor(math.sqrt(width), dtype=torch.bfloat16).item()
 
 
