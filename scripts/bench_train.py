@@ -4,7 +4,7 @@ One step = forward, next-token cross-entropy, backward, gradient clipping and
 an AdamW update. Variants:
     official        recurrentgemma.torch.Griffin + F.cross_entropy on its logits
     rgemma-plain    our model's logits + F.cross_entropy (the same loss code as official)
-    rgemma          what `rgemma train` runs: hidden states + chunked fused loss
+    rgemma          what `rgemma train` runs: model(..., hidden_only=True) + chunked fused loss
     rgemma-bf16     the same under bfloat16 autocast
     rgemma-compile  the same with torch.compile of the model (compile time reported apart)
 
@@ -45,7 +45,7 @@ def official_step_fn(config: Config):
 
 def rgemma_step_fn(config: Config, variant: str):
     model = Griffin(config)
-    forward = torch.compile(model.hidden_states) if variant == "rgemma-compile" else model.hidden_states
+    forward = torch.compile(model) if variant == "rgemma-compile" else model
     dtype = "bfloat16" if variant == "rgemma-bf16" else "float32"
 
     def loss_fn(tokens, positions, targets):
@@ -53,7 +53,7 @@ def rgemma_step_fn(config: Config, variant: str):
             if variant == "rgemma-plain":
                 logits, _ = model(tokens, positions)
                 return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
-            hidden, _ = forward(tokens, positions)
+            hidden, _ = forward(tokens, positions, hidden_only=True)
             return next_token_loss(model, hidden, targets)
 
     return model, loss_fn

@@ -111,8 +111,18 @@ def test_subcommand_help_imports_only_its_own_module(command, options):
     assert loaded & COMMAND_MODULES == {COMMANDS[command][0]}
     for option in options:
         assert option in stdout, option
-    if command not in ("train", "bench"):  # those two take their defaults from their library modules
+    if command != "bench":  # bench takes its defaults from its library module
         assert "torch" not in loaded
+
+
+def test_train_settings_need_no_torch():
+    # What `rgemma train` reads before it runs: the settings, their defaults and the model shape.
+    code = ("import sys; from rgemma.config import Config; from rgemma.train import TrainSettings, model_config; "
+            "TrainSettings('data', 'run', model_config(Config.preset('tiny'), 512, width=32)); "
+            "print(*sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "torch" not in result.stdout.split()
 
 
 @pytest.mark.parametrize("args", [["generate", "Hello", "--max-tokens", "50"], ["info", "tiny"]])

@@ -129,7 +129,7 @@ def test_chunked_loss_equals_plain_cross_entropy_values_and_gradients(tiny):
 
     def grads(loss_fn):
         tiny.zero_grad()
-        hidden, _ = tiny.hidden_states(tokens)
+        hidden, _ = tiny(tokens, hidden_only=True)
         loss = loss_fn(hidden)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in tiny.named_parameters()}
@@ -140,7 +140,7 @@ def test_chunked_loss_equals_plain_cross_entropy_values_and_gradients(tiny):
     for name in plain:
         torch.testing.assert_close(chunked[name], plain[name], msg=name)
     with torch.no_grad():
-        hidden, _ = tiny.hidden_states(tokens)
+        hidden, _ = tiny(tokens, hidden_only=True)
         torch.testing.assert_close(next_token_loss(tiny, hidden, targets, chunk=16), plain_loss)
 
 

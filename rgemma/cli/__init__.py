@@ -1,9 +1,9 @@
 """The `rgemma` command line.
 
 `main` imports only the module of the subcommand being run, and most of
-those import torch and the model code inside `run` (train and bench take
-their options' defaults from their library modules), so that `--help` and
-bad options answer at once.
+those import torch and the model code inside `run` (train reads its
+options' defaults from TrainSettings, which needs no torch), so that
+`--help` and bad options answer at once.
 """
 
 from __future__ import annotations

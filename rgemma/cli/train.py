@@ -8,10 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from rgemma.config import PRESETS, Config
-from rgemma.train import CHECKPOINT_FILE, FINAL_DIR, TokenFile, TrainSettings, model_config, train
+from rgemma.train import TrainSettings, model_config  # torch-free: --help stays fast
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_settings(args: argparse.Namespace) -> TrainSettings:
+    from rgemma.train import TokenFile
+
     data = TokenFile.open(args.data)
     base = Config.from_hf_dict(json.loads(Path(args.config).read_text())) if args.config else Config.preset(args.preset)
     model = model_config(base, data.vocab_size, width=args.width, layers=args.layers, heads=args.heads,
@@ -72,6 +72,10 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
 
 
 def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from rgemma.train import CHECKPOINT_FILE, FINAL_DIR, train
+
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train(train_settings(args))

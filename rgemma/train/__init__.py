@@ -1,0 +1,36 @@
+"""Training from scratch: token files and packing, the loss, and a straight-line loop.
+
+    tokens.py    token files, packing rows with positions, the batch order
+    loss.py      chunked next-token cross-entropy from the final hidden states
+    settings.py  TrainSettings, TrainResult, the model shape (no torch)
+    loop.py      decay groups, learning rate, checkpoints, export, evaluate, train
+
+Names are imported on first use (PEP 562), so that the command line reads
+TrainSettings' defaults without loading torch.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "rgemma.train.tokens": ("IGNORE", "TokenFile", "write_token_file", "tokenize_corpus", "pack_row", "batch",
+                            "row_order", "batch_rows"),
+    "rgemma.train.loss": ("next_token_loss",),
+    "rgemma.train.settings": ("LOSS_CHUNK", "TrainSettings", "TrainResult", "model_config"),
+    "rgemma.train.loop": ("CHECKPOINT_FILE", "LOG_FILE", "BEST_DIR", "FINAL_DIR", "decays",
+                          "parameter_groups", "learning_rate", "autocast", "evaluate", "train"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'rgemma.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
