@@ -19,3 +19,12 @@ def tiny():
     """A tiny Griffin (window 8, lru wider than the model) with every parameter random."""
     torch.manual_seed(0)
     return perturb_(Griffin(Config.preset("tiny-wide-lru"))).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are all thread hand-offs, which cost most on a busy machine (test_kernels uses threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

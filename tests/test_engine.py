@@ -18,6 +18,8 @@ from rgemma.hub import DEFAULT_MODEL
 from rgemma.sampling import SamplingParams
 from rgemma.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CHUNK = 8  # small prefill chunks, so that prompts take several ticks and join mid-flight
 PATHS = [pytest.param(True, marks=pytest.mark.skipif(kernels() is None, reason="no native CPU kernels here"),
                       id="native"),

@@ -32,6 +32,8 @@ from rgemma.quantize import (
 )
 from conftest import perturb_
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Widths that are multiples of 64 (tiny), and widths that are not: 96 and 160
 # are multiples of 32 only, 80 not even that (int8 takes the plain path there).
 CONFIGS = {
@@ -58,15 +60,6 @@ def quantize(model, bits, group_size):
 @torch.no_grad()
 def logits(model, seq):
     return model(seq)[0]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all thread hand-offs, which cost most on a busy machine (test_kernels uses threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
