@@ -56,6 +56,7 @@ TEMPORAL_LINEARS = {
 MLP_LINEARS = ("mlp_block.gate_proj", "mlp_block.up_proj", "mlp_block.down_proj")
 CONV = "temporal_block.conv_1d"
 RG_LRU = "temporal_block.rg_lru"
+RG_LRU_GATES = ("input_gate_weight", "recurrent_gate_weight")  # the RG-LRU's block-diagonal gate matrices
 
 
 def block_linears(block_type: str) -> tuple[str, ...]:

@@ -16,8 +16,8 @@ from rgemma import Config, Griffin
 from rgemma.cli import train as train_command
 from rgemma.tokenizer import Tokenizer
 from rgemma.train import (
-    IGNORE, TokenFile, TrainSettings, batch, batch_rows, decays, learning_rate, next_token_loss, pack_row,
-    parameter_groups, tokenize_corpus, train, write_token_file,
+    IGNORE, TokenFile, TrainSettings, batch, batch_rows, decayed_parameters, learning_rate, next_token_loss,
+    pack_row, parameter_groups, tokenize_corpus, train, write_token_file,
 )
 from spm import train_tokenizer
 
@@ -144,24 +144,26 @@ def test_chunked_loss_equals_plain_cross_entropy_values_and_gradients(tiny):
         torch.testing.assert_close(next_token_loss(tiny, hidden, targets, chunk=16), plain_loss)
 
 
-def test_weight_decay_groups():
-    model = Griffin(Config.preset("tiny"))
+@pytest.mark.parametrize("preset", ["tiny", "2b"])
+def test_weight_decay_groups(preset):
+    # Built on the meta device: the 2b's parameters are names and shapes only.
+    model = Griffin(Config.preset(preset), device="meta")
     decayed, plain = parameter_groups(model, 0.1)
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for p in plain["params"]}
     decay = {names[id(p)] for p in decayed["params"]}
     assert no_decay | decay == set(names.values()) and not no_decay & decay
-    for name in names.values():
-        expect_no_decay = (
-            name.endswith(("recurrent_param", "bias", "conv_1d.weight"))
-            or name.startswith(("embed_tokens", "final_norm")) or "pre_norm" in name
-        )
-        assert (name in no_decay) == expect_no_decay, name
+    assert decay == decayed_parameters(model.config)
+    # The rule the groups followed before they were read from the weight table, by name.
+    by_name = {name for name in names.values()
+               if not name.endswith(("recurrent_param", "bias", "conv_1d.weight"))
+               and not name.startswith(("embed_tokens", "final_norm")) and "pre_norm" not in name}
+    assert decay == by_name
     assert "layers.0.temporal_block.rg_lru.recurrent_param" in no_decay
     assert "layers.0.temporal_block.rg_lru.input_gate_bias" in no_decay
     assert "layers.0.temporal_block.rg_lru.recurrent_gate_weight" in decay
-    assert "layers.2.temporal_block.q_proj.weight" in decay and decays("layers.1.mlp_block.down_proj.weight")
+    assert "layers.2.temporal_block.q_proj.weight" in decay and "layers.1.mlp_block.down_proj.weight" in decay
 
 
 def test_learning_rate_schedule():

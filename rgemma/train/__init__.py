@@ -16,7 +16,7 @@ _EXPORTS = {
                             "row_order", "batch_rows"),
     "rgemma.train.loss": ("next_token_loss",),
     "rgemma.train.settings": ("LOSS_CHUNK", "TrainSettings", "TrainResult", "model_config"),
-    "rgemma.train.loop": ("CHECKPOINT_FILE", "LOG_FILE", "BEST_DIR", "FINAL_DIR", "decays",
+    "rgemma.train.loop": ("CHECKPOINT_FILE", "LOG_FILE", "BEST_DIR", "FINAL_DIR", "decayed_parameters",
                           "parameter_groups", "learning_rate", "autocast", "evaluate", "train"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

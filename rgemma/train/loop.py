@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from rgemma._io import atomic_directory, atomic_file
-from rgemma.model import Griffin
+from rgemma.config import RECURRENT, Config
+from rgemma.model import RG_LRU, RG_LRU_GATES, Griffin, block_linears
 from rgemma.train.loss import next_token_loss
 from rgemma.train.settings import TrainResult, TrainSettings
 from rgemma.train.tokens import IGNORE, TokenFile, batch, batch_rows
@@ -43,31 +44,37 @@ FINAL_DIR = "final"
 
 # Optimiser ------------------------------------------------------------------
 
-# Weight decay applies to the matrices of linear maps only (nn.Linear weights
-# and the block-diagonal RG-LRU gate matrices). Neither the Griffin paper nor
-# the RecurrentGemma report lists its decay mask, so this follows the LRU work
-# Griffin builds on (Orvieto et al. 2023, arXiv 2303.06349: no weight decay on
-# the recurrence parameters) and common LM practice: no decay on
+# Weight decay applies to the matrices of linear maps only: each block's
+# linears and the RG-LRU's block-diagonal gate matrices, found through the
+# model's weight table. Neither the Griffin paper nor the RecurrentGemma
+# report lists its decay mask, so this follows the LRU work Griffin builds on
+# (Orvieto et al. 2023, arXiv 2303.06349: no weight decay on the recurrence
+# parameters) and common LM practice: no decay on
 #   - rg_lru.recurrent_param (Lambda, eq. 4: decay would pull a = sigmoid(...)
 #     towards short memories),
 #   - every bias (gate biases included), the RMSNorm scales,
 #   - the embedding (tied with the output: decay would shrink rare tokens),
 #   - the conv_1d taps (4 per channel, a per-channel filter, not a matrix).
-NO_DECAY_SUFFIXES = ("recurrent_param", "bias", "conv_1d.weight")
-NO_DECAY_MODULES = ("embed_tokens", "final_norm", "temporal_pre_norm", "channel_pre_norm")
 
 
-def decays(name: str) -> bool:
-    if name.endswith(NO_DECAY_SUFFIXES):
-        return False
-    return not any(part in NO_DECAY_MODULES for part in name.split("."))
+def decayed_parameters(config: Config) -> set[str]:
+    """Names of the parameters that weight decay applies to."""
+    names = set()
+    for i, kind in enumerate(config.block_types):
+        names.update(f"layers.{i}.{path}.weight" for path in block_linears(kind))
+        if kind == RECURRENT:
+            names.update(f"layers.{i}.{RG_LRU}.{gate}" for gate in RG_LRU_GATES)
+    return names
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    named = list(model.named_parameters())
+def parameter_groups(model: Griffin, weight_decay: float) -> list[dict]:
+    named = dict(model.named_parameters())
+    decayed = decayed_parameters(model.config)
+    if not decayed <= named.keys():
+        raise KeyError(f"the weight table names parameters the model lacks: {sorted(decayed - named.keys())}")
     return [
-        {"params": [p for n, p in named if decays(n)], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0},
+        {"params": [p for n, p in named.items() if n in decayed], "weight_decay": weight_decay},
+        {"params": [p for n, p in named.items() if n not in decayed], "weight_decay": 0.0},
     ]
 
 
