@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rgemma.backends import Backend, Options
+from rgemma.backends.base import Backend, Options
 from rgemma.backends.native import kernels
 from rgemma.model import (
     CONV, EMBEDDING, FINAL_NORM, NORMS, RG_LRU, RECURRENT, Conv1D, Embedding, Griffin, Linear, RGLRU, RMSNorm,

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from rgemma.backends import Backend, Options
+from rgemma.backends.base import Backend, Options
 from rgemma.model import Griffin
 from rgemma.state import State
 
