@@ -144,9 +144,9 @@ def _libc() -> ctypes.CDLL:
 def _empty_on_huge_pages(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     """torch.empty, asking Linux to back the memory with 2 MB pages when it is first written.
 
-    Decoding streams every quantized weight once per step; on 4 KB pages a
-    2b int8 step measured 171-202 ms against 138-141 ms on 2 MB pages (the
-    kernel's TLB misses). Transparent huge pages are often enabled only for
+    Decoding streams every quantized weight once per step, and on 4 KB pages
+    the kernels' TLB misses cost a large part of a step (docs/PERFORMANCE.md
+    has the figures). Transparent huge pages are often enabled only for
     memory that asks (`madvise` mode), as torch's allocator does not; the
     float weights are mapped from their files, where the page cache decides.
     """

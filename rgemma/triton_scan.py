@@ -19,8 +19,7 @@ import triton.language as tl
 
 # A tile of 64 steps x 32 float32 channels (8 KiB per operand); 32 channels
 # give 80 programs per row at the 2b width (2560), so a batch of one still
-# spreads over the chip. On an H200 (2b width, 4096 steps): 0.16 ms at batch 1
-# (0.8 TB/s, too few programs to fill it), 0.30 ms at batch 8 (3.3 TB/s).
+# spreads over the chip, though too thinly to fill it (docs/PERFORMANCE.md).
 BLOCK_T = 64
 BLOCK_D = 32
 

@@ -63,8 +63,9 @@ inline float horizontal_sum(__m256 v) {
 // (linear_x and linear_y; q, k and v; the MLP's gate and up; the two RG-LRU
 // gates) share one fork and join. Threads take runs of units (strips of weight
 // rows, heads) from a shared counter, each run a share of what is left and
-// never across two jobs, instead of one fixed half each: in a 2b int4 step a
-// thread that finished its half first had waited 10% of the time for the other.
+// never across two jobs, instead of one fixed half each: with fixed halves the
+// thread that finished first waited a tenth of a step for the other
+// (docs/PERFORMANCE.md has this file's measurements).
 
 struct Job {
   int64_t units;    // strips of weight rows, or heads
@@ -101,9 +102,8 @@ void run_jobs(const std::vector<Job>& jobs) {
 // rows (Rows, fewer at the end) and every 4 rows of x (fewer at the end):
 // weight rows n.. against x rows m... Runs are at least kRowsPerTask rows.
 // Strips of several rows share each load of x. The integer kernels, which do
-// more work per byte of weights, read one row at a time instead: on a Zen 3
-// an int4 product read 17-18 GB/s that way against 11-13 GB/s reading 4 rows
-// side by side (2 threads), while bf16 read 15-16 against 18.
+// more work per byte of weights, read one row at a time instead: that read
+// faster for int4 and slower for bf16 than 4 rows side by side.
 template <int Rows, typename Row, typename MakeRow, typename Tiles>
 Job tiles_job(int64_t M, int64_t N, MakeRow make_row, Tiles tiles) {
   const int64_t ahead = N > 1 ? (make_row(1).bytes(0) - make_row(0).bytes(0)) * kRowsAhead : 0;
@@ -150,8 +150,8 @@ struct BFloat16Eights {
 // for all MB rows of x, which stay in registers meanwhile: R * MB accumulators,
 // MB inputs and one weight vector fit the 16 registers up to R * MB = 8.
 // At 4 rows of x, where a bf16 product is bound by arithmetic more than by
-// memory, one Zen 3 core read bf16 weights in L2 at 15.8 GB/s with 2 x 4 tiles
-// against 12.7 GB/s with 4 x 2 tiles and 11.4 GB/s with x reloaded per row.
+// memory, 2 x 4 tiles read fastest, ahead of 4 x 2 tiles and of x reloaded
+// per row.
 template <int R, int MB, typename Eights>
 void float_tile(const Eights* rows, const float* x, float* y, int64_t ldy, int64_t K, int64_t ahead) {
   __m256 acc[R][MB];
@@ -220,10 +220,9 @@ void add_rows(const float* x, const Eights& w, int64_t row, int64_t J, float* y)
 // input-major as the RG-LRU gates are: the rows w[h, i, :] are read once, in
 // memory order, 4 at a time, and added into y[m, h, :], which stays in L1.
 // Each 4 rows prefetch the rows kGateRowsAhead further on: the hardware
-// prefetcher stops at every 4 KB page. A job over heads. On a 2b step's gates
-// (47 MB, 36 calls) that read 11.5 GB/s, against 8.3 GB/s one row at a time
-// without prefetching; reading 8 outputs down all I rows at a time read 7 GB/s,
-// 64 outputs at a time 5 GB/s.
+// prefetcher stops at every 4 KB page. A job over heads. This read faster
+// than one row at a time without prefetching, and than reading 8 or 64
+// outputs down all I rows at a time.
 template <typename Eights>
 Job block_diagonal_job(const float* x, Eights w, int64_t M, int64_t H, int64_t I, int64_t J, float* y) {
   constexpr int64_t kGateRowsAhead = 16;
@@ -792,7 +791,7 @@ torch::Tensor attend_few(const torch::Tensor& q, const std::vector<torch::Tensor
 }
 
 // attention_rows for a ring of keys and values read by Eights: no torch
-// operation, whose fixed costs came to 0.17 ms per step of a 2b attention block.
+// operation, whose fixed costs per call outweighed the arithmetic of a step.
 template <typename Eights>
 void attention_rows_typed(const float* q_in, const float* k_in, const float* v_in, int64_t M, int64_t H, int64_t K,
                           torch::Tensor& ring_k, torch::Tensor& ring_v, torch::Tensor& ring_pos,
