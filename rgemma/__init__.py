@@ -4,9 +4,9 @@ import importlib
 
 # Imported on first use (PEP 562): `import rgemma.cli` must not wait for torch.
 _EXPORTS = {"Config": "rgemma.config", "Griffin": "rgemma.model", "State": "rgemma.state",
-            "load_model": "rgemma.checkpoint", "save_model": "rgemma.checkpoint"}
+            "load_model": "rgemma.checkpoint", "save_model": "rgemma.checkpoint", "prepare": "rgemma.backends"}
 
-__all__ = ["Config", "Griffin", "State", "load_model", "save_model"]
+__all__ = ["Config", "Griffin", "State", "load_model", "prepare", "save_model"]
 __version__ = "0.1.0"
 
 
