@@ -40,3 +40,7 @@ def test_info_describes_the_default_model():
     result = subprocess.run([*rgemma_command(), "info"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "embedded default" in result.stdout and "RRARRARRA" in result.stdout
+    # How this machine serves it, as `rgemma.prepare` decides (bf16 weights: float32 activations unless the
+    # CPU computes bf16 natively).
+    assert re.search(r"^backend +cpu on cpu: activations in (float32|bfloat16), decode steps (native|plain)$",
+                     result.stdout, re.MULTILINE), result.stdout

@@ -38,10 +38,13 @@ def _load(args):
 
 
 def run(args: argparse.Namespace) -> None:
+    from rgemma.backends import prepare
     from rgemma.quantize import Quantization, parameter_count
     from rgemma.state import State
 
     model = _load(args)
+    # How this machine would serve it; a preset has no weights to serve.
+    backend = None if model.device.type == "meta" else prepare(model).describe()
     config = model.config
     parameters = parameter_count(model)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> None:
         "weight_bytes": weight_bytes,
         "quantization": None if quantization is None else quantization.to_json(),
         "state_bytes_per_sequence": state.nbytes,
+        "backend": backend,
         "config": {**{k: getattr(config, k) for k in config.__dataclass_fields__}, "block_types": list(config.block_types)},
     }
     if args.json:
@@ -70,6 +74,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"quantization int{quantization.bits} with {scales}, in {len(quantization.modules)} modules "
               f"(embedding and linears); the RG-LRU, convolution, norms and biases in {info['dtype']}")
     print(f"state        {state.nbytes:,} bytes per sequence, whatever its length")
+    if backend is not None:
+        print(f"backend      {backend['backend']} on {backend['device']}: activations in {backend['activations']}, "
+              f"decode steps {backend['decode']}")
     print(f"layers       {config.num_layers}: {pattern} (R recurrent, A local attention)")
     print(f"width        {config.width}, lru {config.lru_width}, mlp {config.mlp_width} x2, "
           f"heads {config.num_heads} x {config.head_dim} (1 kv head)")
