@@ -142,24 +142,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_context_growth(tmp_path, monkeypatch, one_thread):
+def test_context_growth(tmp_path, one_thread):
     """The transformer's cache grows with the context, Griffin's state does not; random and prefilled
     caches have the same shape. In this process, each engine's measurement as its child runs it."""
     config = rgemma.Config.preset("tiny")  # window 16
     path = rgemma.save_model(bench.random_model(config, torch.float32, seed=0), tmp_path / "model")
-    events = []
-    monkeypatch.setattr(bench, "_emit", lambda section, **fields: events.append((section, fields)))
     lengths = (8, 48)
     rows = {}
     for name, source in (("rgemma", str(path)), ("gemma", bench.gemma_config(config))):
         for fill in ("random", "prefill"):
-            events.clear()
-            bench.measure({
-                "engine": name, "source": source, "dtype": "float32", "device": "cpu", "seed": 0,
-                "vocab_size": config.vocab_size, "check_prompt": 0, "check_steps": 0, "prompt_lengths": (),
-                "batch_sizes": (), "decode_context": 0, "decode_steps": 2, "warmup": 1,
-                "prefill_repeats": 1, "context_lengths": lengths, "context_fill": fill,
-            })
+            job = bench.Job(engine=name, source=source, dtype="float32", device="cpu", seed=0,
+                            vocab_size=config.vocab_size, decode_steps=2, warmup=1, context_lengths=lengths,
+                            context_fill=fill)
+            assert bench.Job.from_json(job.to_json()) == job  # as its process receives it
+            events = list(bench.measure(job))
+            assert [section for section, _ in events] == ["load", "context", "context"]
             rows[name, fill] = [fields for section, fields in events if section == "context"]
     for (name, fill), measured in rows.items():
         assert [row["context"] for row in measured] == list(lengths)
