@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from rgemma import Config, Griffin
 
@@ -28,3 +29,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class LowRankAdapter(nn.Module):
+    """What a LoRA wrapper looks like to the backend: a module of a kind it does not know, keeping the linear."""
+
+    def __init__(self, base: nn.Module, rank: int = 4):
+        super().__init__()
+        self.base = base
+        self.down = nn.Parameter(torch.randn(rank, base.in_features) * 0.1)
+        self.up = nn.Parameter(torch.randn(base.out_features, rank) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.down.T @ self.up.T

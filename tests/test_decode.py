@@ -25,6 +25,7 @@ from rgemma.backends.native import kernels
 from rgemma.config import Config
 from rgemma.model import Griffin, TokenLayout
 from rgemma.quantize import quantize_model
+from conftest import LowRankAdapter
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="the native CPU kernels cannot be built here")
 
@@ -181,19 +182,6 @@ def test_native_step_follows_weights_changed_in_place(changed, dtype):
         logits, _ = backend.step(tokens[:, 1:2], state)
         expected, _ = griffin(tokens[:, 1:2], state=expected_state)
     assert relative_error(logits, expected[:, -1]) < 1e-5
-
-
-class LowRankAdapter(nn.Module):
-    """What a LoRA wrapper looks like to the backend: a module of a kind it does not know, keeping the linear."""
-
-    def __init__(self, base: nn.Module, rank: int = 4):
-        super().__init__()
-        self.base = base
-        self.down = nn.Parameter(torch.randn(rank, base.in_features) * 0.1)
-        self.up = nn.Parameter(torch.randn(base.out_features, rank) * 0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + x @ self.down.T @ self.up.T
 
 
 def has_module(module: nn.Module, path: str) -> bool:

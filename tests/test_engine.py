@@ -9,6 +9,7 @@ and every request samples from its own generator.
 import random
 
 import pytest
+import torch
 
 import rgemma
 from rgemma.backends import Options, prepare
@@ -17,6 +18,7 @@ from rgemma.engine import Engine, Request
 from rgemma.hub import DEFAULT_MODEL
 from rgemma.sampling import SamplingParams
 from rgemma.tokenizer import Tokenizer
+from conftest import LowRankAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,6 +98,15 @@ def test_requests_joining_mid_flight_equal_each_alone(default, native):
         assert out[index] == tokens, f"request {index}"
 
 
+@pytest.fixture(scope="module")
+def adapted():
+    """The default model with an adapter on one linear: the native step cannot take it, the plain path runs."""
+    model = rgemma.load_model(DEFAULT_MODEL).eval()
+    torch.manual_seed(0)
+    model.layers[0].mlp_block.up_proj = LowRankAdapter(model.layers[0].mlp_block.up_proj)
+    return model, Tokenizer.find(DEFAULT_MODEL)
+
+
 @pytest.mark.parametrize("native", PATHS)
 def test_a_request_alone_and_among_sixteen_others(default, native):
     _, tokenizer = default
@@ -106,6 +117,14 @@ def test_a_request_alone_and_among_sixteen_others(default, native):
     probe_id = crowd.add(probe)
     result = drain(crowd, [*others, probe_id])[probe_id]
     assert result == alone(default, native, probe)
+
+
+@pytest.mark.skipif(kernels() is None, reason="no native CPU kernels here")
+def test_among_sixteen_others_on_the_plain_path_with_native_products(adapted):
+    """With an adapter the step is the modules' own forward, whose products still use the native kernels for
+    up to 16 rows: run in groups of 16, each row's products are the same kernel's whatever the batch."""
+    assert engine(adapted, True).backend.decode_path == "plain"
+    test_a_request_alone_and_among_sixteen_others(adapted, True)
 
 
 def test_cancel_frees_the_slot_at_once(default):

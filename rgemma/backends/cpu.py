@@ -247,4 +247,12 @@ class CpuBackend(Backend):
             if logits is not None:
                 state.position.add_(1)
                 return logits, state
-        return super().step(tokens, state)
+        if not self.native:
+            return super().step(tokens, state)
+        # The plain path a group of at most MAX_KERNEL_ROWS rows at a time, over views of the state's rows:
+        # every product is then decode-sized, so each row is computed by the same kernel whatever the batch.
+        logits = []
+        for start in range(0, tokens.shape[0], MAX_KERNEL_ROWS):
+            rows = slice(start, start + MAX_KERNEL_ROWS)
+            logits.append(super().step(tokens[rows], state.map(lambda t: t[rows]))[0])
+        return torch.cat(logits), state
