@@ -41,4 +41,4 @@ class LowRankAdapter(nn.Module):
         self.up = nn.Parameter(torch.randn(base.out_features, rank) * 0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + x @ self.down.T @ self.up.T
+        return self.base(x) + x @ self.down.T.to(x.dtype) @ self.up.T.to(x.dtype)

@@ -149,7 +149,7 @@ def test_native_embedding_and_logits_equal_the_model(bits, dtype):
     """A Decoder with no blocks: the embedding's rows, the final norm, the tied output layer and the soft cap,
     in every weight format (int4 rows padded to whole groups)."""
     griffin = model(dtype, bits)
-    prepare(griffin)
+    prepare(griffin, Options(native_bf16=False))  # the forward in float32, as the Decoder computes
     cfg = griffin.config
     decoder = build_decoder(griffin, layers=[])
     tokens = torch.tensor([0, 7, cfg.vocab_size - 1])
@@ -167,7 +167,7 @@ def test_native_step_follows_weights_changed_in_place(changed, dtype):
     """The Decoder keeps float32 copies of bfloat16 norms and biases (float32 ones it shares), so it must see
     in-place changes and build itself again."""
     griffin = model(dtype)
-    backend = prepare(griffin)
+    backend = prepare(griffin, Options(native_bf16=False))  # the forward in float32, as the Decoder computes
     tokens, state = prefilled(griffin)
     expected_state = state.clone()
     with torch.no_grad():

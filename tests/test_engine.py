@@ -188,9 +188,10 @@ def test_empty_prompt_and_tokens_outside_the_vocabulary_are_refused(default):
 
 
 def test_the_backend_says_how_it_serves_the_model(default):
-    model, _ = default
-    described = prepare(model, Options(native_kernels=False)).describe()
-    assert described["backend"] == "cpu" and described["decode"] == "plain"
-    assert described["activations"] == "float32"
+    model, _ = default  # bf16 weights
+    described = prepare(model, Options(native_kernels=False, native_bf16=False)).describe()
+    assert described == {"backend": "cpu", "device": "cpu", "weights": "bfloat16", "activations": "float32",
+                         "decode": "plain"}
+    assert prepare(model, Options(native_kernels=False, native_bf16=True)).describe()["activations"] == "bfloat16"
     if kernels() is not None:
         assert prepare(model).describe()["decode"] == "native"
