@@ -134,14 +134,6 @@ def test_plot_is_a_png(run):
     assert (out / "bench.png").read_bytes().startswith(PNG)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_context_growth(tmp_path, one_thread):
     """The transformer's cache grows with the context, Griffin's state does not; random and prefilled
     caches have the same shape. In this process, each engine's measurement as its child runs it."""

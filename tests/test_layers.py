@@ -15,7 +15,7 @@ import rgemma
 PACKAGE = Path(rgemma.__file__).parent
 # Lowest first; a module's layer is that of its top-level name (rgemma.backends.cpu: "backends").
 LAYERS = [
-    {"config", "triton_scan", "_io", "hub"},
+    {"config", "triton_scan", "_io", "_lazy", "hub"},
     {"scan", "state", "tokenizer", "sampling", "corpus"},
     {"model"},
     {"quantize", "context"},

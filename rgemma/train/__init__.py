@@ -9,7 +9,7 @@ Names are imported on first use (PEP 562), so that the command line reads
 TrainSettings' defaults without loading torch.
 """
 
-import importlib
+from rgemma._lazy import lazy_exports
 
 _EXPORTS = {
     "rgemma.train.tokens": ("IGNORE", "TokenFile", "write_token_file", "tokenize_corpus", "pack_row", "batch",
@@ -22,15 +22,4 @@ _EXPORTS = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = list(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'rgemma.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF)
