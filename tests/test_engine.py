@@ -6,7 +6,10 @@ position-aligned chunks, every row of a decode step is computed on its own,
 and every request samples from its own generator.
 """
 
+import asyncio
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -195,3 +198,37 @@ def test_the_backend_says_how_it_serves_the_model(default):
     assert prepare(model, Options(native_kernels=False, native_bf16=True)).describe()["activations"] == "bfloat16"
     if kernels() is not None:
         assert prepare(model).describe()["decode"] == "native"
+
+
+@pytest.mark.skipif(kernels() is None, reason="no native CPU kernels here")
+def test_an_event_loop_runs_on_while_the_engine_steps_in_another_thread(one_thread):
+    """The native step releases the GIL: an asyncio front end in the same process keeps ticking during a step,
+    not only between steps (holding the GIL, a 1 ms sleep loop ticks about once per step)."""
+    torch.manual_seed(0)
+    model = rgemma.Griffin(rgemma.Config.preset("tiny", width=1024, lru_width=1024, mlp_width=4096,
+                                                num_heads=8)).eval()  # steps of about 10 ms
+    shared = Engine(model)
+    shared.add(Request([2, 3, 4], SamplingParams(temperature=0.0), max_tokens=10_000, ignore_eos=True))
+    while not shared.running:
+        shared.step()
+    stop, steps = threading.Event(), []
+
+    def stepping():
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.5:
+            shared.step()
+            steps.append(1)
+        stop.set()
+
+    async def ticking() -> int:
+        ticks = 0
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            ticks += 1
+        return ticks
+
+    worker = threading.Thread(target=stepping)
+    worker.start()
+    ticks = asyncio.run(ticking())
+    worker.join()
+    assert ticks >= 3 * len(steps), (ticks, len(steps))
