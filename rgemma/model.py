@@ -66,7 +66,10 @@ def block_linears(block_type: str) -> tuple[str, ...]:
 
 def linear_paths(config: Config) -> list[str]:
     """Model paths of every matrix: the embedding and each block's linears (what quantization stores)."""
-    return [EMBEDDING] + [f"layers.{i}.{path}" for i, kind in enumerate(config.block_types) for path in block_linears(kind)]
+    blocks = enumerate(config.block_types)
+    return [EMBEDDING] + [f"layers.{i}.{path}" for i, kind in blocks for path in block_linears(kind)]
+
+
 # Gradient of sqrt is clipped at this value (bf16 training stability).
 MAX_SQRT_GRADIENT = 1000.0
 
@@ -200,7 +203,7 @@ class Conv1D(nn.Module):
     def forward(
         self, x: torch.Tensor, layout: TokenLayout, taps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, L), taps (B, C, L) -> output (B, T, L), new taps (B, C, L)."""
+        """x (B, T, L), taps (B, C, L) -> output (B, T, L), the last C inputs (B, C, L)."""
         num_taps = self.conv_width - 1
         length = x.shape[1]
         history = torch.cat([taps.to(x.dtype), x], dim=1)  # (B, C + T, L)
@@ -217,8 +220,7 @@ class Conv1D(nn.Module):
             windows = windows * (layout.positions[..., None] >= back)[:, :, None, :].to(x.dtype)
         weight = self.weight.to(x.dtype)[:, 0]  # (L, C + 1)
         out = self.bias.to(x.dtype) + (windows * weight).sum(dim=-1)
-        # float32 whatever x's dtype (see State); a copy, as a view would keep all of `history` alive.
-        return out, history[:, -num_taps:].to(torch.float32, copy=True)
+        return out, history[:, -num_taps:]  # a view: the caller copies it into the state
 
 
 class _SqrtClippedGradient(torch.autograd.Function):
@@ -544,7 +546,7 @@ class Griffin(nn.Module):
 
         The same result as `forward(tokens, state=state)`, but nothing is read
         back from the device, so the step can be captured in a CUDA graph
-        (`rgemma.decode`). The state is updated in place.
+        (`rgemma/backends/cuda.py`). The state is updated in place.
         """
         if tokens.shape != (state.batch_size, 1):
             raise ValueError(f"a step reads tokens of shape ({state.batch_size}, 1), got {tuple(tokens.shape)}")
