@@ -17,8 +17,9 @@ Python and dispatch costs of several hundred torch operations were a
 quarter of a step. The Decoder takes the model's tensors by position, in the
 order of the model's weight table (rgemma/model.py); a module of another kind
 (an adapter around a linear, say) sends the step down the plain path, which
-runs the modules' own forward. The Decoder whatever the prefill's dtype: it
-computes in float32 and reads float32 or bf16 attention rings.
+runs the modules' own forward. The Decoder serves a model whatever dtype its
+prefill computes in: it computes in float32 and reads float32 or bf16
+attention rings.
 """
 
 from __future__ import annotations
