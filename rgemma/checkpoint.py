@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from rgemma._io import atomic_directory
 from rgemma.config import ATTENTION, RECURRENT, Config
-from rgemma.model import Griffin
+from rgemma.model import CONV, EMBEDDING, FINAL_NORM, MLP_LINEARS, NORMS, RG_LRU, TEMPORAL_LINEARS, Griffin
 from rgemma.quantize import (
     DEFAULT_GROUP_SIZE, Quantization, check_format, format_dtypes, quantizable, quantize_model, quantize_weight,
 )
@@ -96,39 +96,48 @@ def mlp_up_bias(b: torch.Tensor) -> torch.Tensor:
     return b[1, 0, 0]
 
 
+# Our names, from the model's weight table: a block's parts by role.
+_GATE, _UP, _DOWN = MLP_LINEARS
+_Y, _X, _OUT = TEMPORAL_LINEARS[RECURRENT]
+_Q, _K, _V, _O = TEMPORAL_LINEARS[ATTENTION]
+_TEMPORAL_NORM, _CHANNEL_NORM = NORMS
+_BLOCK = "layers.{i}."  # {i}: the layer index
+EMBEDDING_WEIGHT = f"{EMBEDDING}.weight"
+FINAL_NORM_WEIGHT = f"{FINAL_NORM}.weight"
+
 # Our name -> (official name, fix-up). Flax uses the same names, nested, with
 # Dense `kernel`s stored [in, out] (see `_read_orbax`).
 OFFICIAL_NAMES: dict[str, tuple[str, Fix]] = {
-    "embed_tokens.weight": ("embedder.input_embedding", same),
-    "final_norm.weight": ("final_norm.scale", same),
-    "layers.{i}.temporal_pre_norm.weight": ("blocks.{i}.temporal_pre_norm.scale", same),
-    "layers.{i}.channel_pre_norm.weight": ("blocks.{i}.channel_pre_norm.scale", same),
-    "layers.{i}.mlp_block.gate_proj.weight": ("blocks.{i}.mlp_block.ffw_up.w", mlp_gate_weight),
-    "layers.{i}.mlp_block.up_proj.weight": ("blocks.{i}.mlp_block.ffw_up.w", mlp_up_weight),
-    "layers.{i}.mlp_block.gate_proj.bias": ("blocks.{i}.mlp_block.ffw_up.b", mlp_gate_bias),
-    "layers.{i}.mlp_block.up_proj.bias": ("blocks.{i}.mlp_block.ffw_up.b", mlp_up_bias),
-    "layers.{i}.mlp_block.down_proj.weight": ("blocks.{i}.mlp_block.ffw_down.weight", same),
-    "layers.{i}.mlp_block.down_proj.bias": ("blocks.{i}.mlp_block.ffw_down.bias", same),
+    EMBEDDING_WEIGHT: ("embedder.input_embedding", same),
+    FINAL_NORM_WEIGHT: ("final_norm.scale", same),
+    f"{_BLOCK}{_TEMPORAL_NORM}.weight": ("blocks.{i}.temporal_pre_norm.scale", same),
+    f"{_BLOCK}{_CHANNEL_NORM}.weight": ("blocks.{i}.channel_pre_norm.scale", same),
+    f"{_BLOCK}{_GATE}.weight": ("blocks.{i}.mlp_block.ffw_up.w", mlp_gate_weight),
+    f"{_BLOCK}{_UP}.weight": ("blocks.{i}.mlp_block.ffw_up.w", mlp_up_weight),
+    f"{_BLOCK}{_GATE}.bias": ("blocks.{i}.mlp_block.ffw_up.b", mlp_gate_bias),
+    f"{_BLOCK}{_UP}.bias": ("blocks.{i}.mlp_block.ffw_up.b", mlp_up_bias),
+    f"{_BLOCK}{_DOWN}.weight": ("blocks.{i}.mlp_block.ffw_down.weight", same),
+    f"{_BLOCK}{_DOWN}.bias": ("blocks.{i}.mlp_block.ffw_down.bias", same),
     # Recurrent layers.
-    "layers.{i}.temporal_block.linear_x.weight": ("blocks.{i}.recurrent_block.linear_x.weight", same),
-    "layers.{i}.temporal_block.linear_x.bias": ("blocks.{i}.recurrent_block.linear_x.bias", same),
-    "layers.{i}.temporal_block.linear_y.weight": ("blocks.{i}.recurrent_block.linear_y.weight", same),
-    "layers.{i}.temporal_block.linear_y.bias": ("blocks.{i}.recurrent_block.linear_y.bias", same),
-    "layers.{i}.temporal_block.linear_out.weight": ("blocks.{i}.recurrent_block.linear_out.weight", same),
-    "layers.{i}.temporal_block.linear_out.bias": ("blocks.{i}.recurrent_block.linear_out.bias", same),
-    "layers.{i}.temporal_block.conv_1d.weight": ("blocks.{i}.recurrent_block.conv_1d.w", conv_taps),
-    "layers.{i}.temporal_block.conv_1d.bias": ("blocks.{i}.recurrent_block.conv_1d.b", same),
-    "layers.{i}.temporal_block.rg_lru.recurrent_param": ("blocks.{i}.recurrent_block.rg_lru.a_param", same),
-    "layers.{i}.temporal_block.rg_lru.input_gate_weight": ("blocks.{i}.recurrent_block.rg_lru.input_gate.w", same),
-    "layers.{i}.temporal_block.rg_lru.input_gate_bias": ("blocks.{i}.recurrent_block.rg_lru.input_gate.b", same),
-    "layers.{i}.temporal_block.rg_lru.recurrent_gate_weight": ("blocks.{i}.recurrent_block.rg_lru.a_gate.w", same),
-    "layers.{i}.temporal_block.rg_lru.recurrent_gate_bias": ("blocks.{i}.recurrent_block.rg_lru.a_gate.b", same),
+    f"{_BLOCK}{_X}.weight": ("blocks.{i}.recurrent_block.linear_x.weight", same),
+    f"{_BLOCK}{_X}.bias": ("blocks.{i}.recurrent_block.linear_x.bias", same),
+    f"{_BLOCK}{_Y}.weight": ("blocks.{i}.recurrent_block.linear_y.weight", same),
+    f"{_BLOCK}{_Y}.bias": ("blocks.{i}.recurrent_block.linear_y.bias", same),
+    f"{_BLOCK}{_OUT}.weight": ("blocks.{i}.recurrent_block.linear_out.weight", same),
+    f"{_BLOCK}{_OUT}.bias": ("blocks.{i}.recurrent_block.linear_out.bias", same),
+    f"{_BLOCK}{CONV}.weight": ("blocks.{i}.recurrent_block.conv_1d.w", conv_taps),
+    f"{_BLOCK}{CONV}.bias": ("blocks.{i}.recurrent_block.conv_1d.b", same),
+    f"{_BLOCK}{RG_LRU}.recurrent_param": ("blocks.{i}.recurrent_block.rg_lru.a_param", same),
+    f"{_BLOCK}{RG_LRU}.input_gate_weight": ("blocks.{i}.recurrent_block.rg_lru.input_gate.w", same),
+    f"{_BLOCK}{RG_LRU}.input_gate_bias": ("blocks.{i}.recurrent_block.rg_lru.input_gate.b", same),
+    f"{_BLOCK}{RG_LRU}.recurrent_gate_weight": ("blocks.{i}.recurrent_block.rg_lru.a_gate.w", same),
+    f"{_BLOCK}{RG_LRU}.recurrent_gate_bias": ("blocks.{i}.recurrent_block.rg_lru.a_gate.b", same),
     # Attention layers.
-    "layers.{i}.temporal_block.q_proj.weight": ("blocks.{i}.attention_block.proj_q.weight", same),
-    "layers.{i}.temporal_block.k_proj.weight": ("blocks.{i}.attention_block.proj_k.weight", same),
-    "layers.{i}.temporal_block.v_proj.weight": ("blocks.{i}.attention_block.proj_v.weight", same),
-    "layers.{i}.temporal_block.o_proj.weight": ("blocks.{i}.attention_block.proj_final.weight", same),
-    "layers.{i}.temporal_block.o_proj.bias": ("blocks.{i}.attention_block.proj_final.bias", same),
+    f"{_BLOCK}{_Q}.weight": ("blocks.{i}.attention_block.proj_q.weight", same),
+    f"{_BLOCK}{_K}.weight": ("blocks.{i}.attention_block.proj_k.weight", same),
+    f"{_BLOCK}{_V}.weight": ("blocks.{i}.attention_block.proj_v.weight", same),
+    f"{_BLOCK}{_O}.weight": ("blocks.{i}.attention_block.proj_final.weight", same),
+    f"{_BLOCK}{_O}.bias": ("blocks.{i}.attention_block.proj_final.bias", same),
 }
 
 
@@ -136,7 +145,7 @@ def official_name(ours: str) -> tuple[str, Fix]:
     layer = re.fullmatch(r"layers\.(\d+)\.(.+)", ours)
     if layer is None:
         return OFFICIAL_NAMES[ours]
-    theirs, fix = OFFICIAL_NAMES["layers.{i}." + layer[2]]
+    theirs, fix = OFFICIAL_NAMES[_BLOCK + layer[2]]
     return theirs.format(i=layer[1]), fix
 
 
@@ -425,8 +434,8 @@ def _shape(checkpoint: Checkpoint, ours: str, ndim: int) -> tuple[int, ...]:
 
 def _block_type(checkpoint: Checkpoint, layer: int) -> str:
     markers = {
-        RECURRENT: checkpoint.naming.name(f"layers.{layer}.temporal_block.rg_lru.recurrent_param")[0],
-        ATTENTION: checkpoint.naming.name(f"layers.{layer}.temporal_block.q_proj.weight")[0],
+        RECURRENT: checkpoint.naming.name(f"layers.{layer}.{RG_LRU}.recurrent_param")[0],
+        ATTENTION: checkpoint.naming.name(f"layers.{layer}.{_Q}.weight")[0],
     }
     found = [kind for kind, name in markers.items() if name in checkpoint.tensors]
     if len(found) != 1:
@@ -441,22 +450,22 @@ def _shape_fields(checkpoint: Checkpoint) -> dict:
     """The config fields that tensor shapes tell."""
     layers = {int(match[1]) for name in checkpoint.tensors if (match := checkpoint.naming.layer.match(name))}
     if not layers:
-        example = checkpoint.naming.name("layers.0.temporal_pre_norm.weight")[0]
+        example = checkpoint.naming.name(f"layers.0.{_TEMPORAL_NORM}.weight")[0]
         raise CheckpointError(f"{checkpoint.path}: has no layer tensors (with names like {example})")
     # Rows only: a quantized embedding's row length is packed (int4), the norm's is not.
-    vocab_size = _shape(checkpoint, "embed_tokens.weight", 2)[0]
-    (width,) = _shape(checkpoint, "final_norm.weight", 1)
+    vocab_size = _shape(checkpoint, EMBEDDING_WEIGHT, 2)[0]
+    (width,) = _shape(checkpoint, FINAL_NORM_WEIGHT, 1)
     block_types = tuple(_block_type(checkpoint, layer) for layer in range(max(layers) + 1))
     fields = {
         "vocab_size": vocab_size,
         "width": width,
-        "mlp_width": _shape(checkpoint, "layers.0.mlp_block.gate_proj.weight", 2)[0],
+        "mlp_width": _shape(checkpoint, f"layers.0.{_GATE}.weight", 2)[0],
         "block_types": block_types,
     }
     if RECURRENT in block_types:
         # The RG-LRU gates are block-diagonal, one (d, d) block per head.
         layer = block_types.index(RECURRENT)
-        num_heads, head_width, _ = _shape(checkpoint, f"layers.{layer}.temporal_block.rg_lru.input_gate_weight", 3)
+        num_heads, head_width, _ = _shape(checkpoint, f"layers.{layer}.{RG_LRU}.input_gate_weight", 3)
         fields.update(num_heads=num_heads, lru_width=num_heads * head_width)
     return fields
 
@@ -535,7 +544,7 @@ def _plan(checkpoint: Checkpoint, model: Griffin) -> dict[str, tuple[Stored, Fix
     problems += [
         f"unexpected tensor {name}{where(stored)}" for name, stored in checkpoint.tensors.items() if name not in used
     ]
-    head, embedding = checkpoint.tied_head, expected.get("embed_tokens.weight")
+    head, embedding = checkpoint.tied_head, expected.get(EMBEDDING_WEIGHT)
     if head is not None and embedding is None:
         problems.append(f"unexpected tensor {TIED_HEAD}: the output layer is the quantized embedding")
     elif head is not None and head.shape != embedding:
@@ -596,11 +605,11 @@ def load_model(
                 raise CheckpointError(f"{path / CONFIG_FILE}: {error}") from error
         plan = _plan(checkpoint, model)
         if checkpoint.tied_head is not None and not torch.equal(
-            checkpoint.tied_head.read(), plan["embed_tokens.weight"][0].read()
+            checkpoint.tied_head.read(), plan[EMBEDDING_WEIGHT][0].read()
         ):
             raise CheckpointError(f"{path}: {TIED_HEAD} differs from the embedding; Griffin ties the two")
         # The checkpoint's dtype: its embedding's, or a quantized one's norm's.
-        reference = plan.get("embed_tokens.weight", plan["final_norm.weight"])[0]
+        reference = plan.get(EMBEDDING_WEIGHT, plan[FINAL_NORM_WEIGHT])[0]
         dtype = dtype or reference.dtype or reference.read().dtype
         formats = format_dtypes(model)
         to_quantize = set(quantizable(model)) if quantize is not None else set()
