@@ -44,7 +44,8 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     max_tokens: int = 256
     stop: Sequence[str] = ()
-    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    stop_tokens: Sequence[int] = ()  # more token ids that end the request, besides the model's end tokens
+    ignore_eos: bool = False  # the model's end tokens do not end it (benchmarks: exactly max_tokens)
     keep_context: bool = False  # read the last token too and keep the request's Context
 
     def __post_init__(self):
@@ -137,7 +138,7 @@ class Engine:
         eos = tokenizer.eos_id if tokenizer is not None else 1
         turn_end = getattr(tokenizer, "end_of_turn_id", None)
         # -it models end their turn with <end_of_turn>; base models never produce it.
-        self.stop_tokens = {eos} | ({turn_end} if turn_end is not None else set())
+        self.end_tokens = {eos} | ({turn_end} if turn_end is not None else set())
         self.contexts: dict[int, Context] = {}
         self.timings: dict[int, Timing] = {}
         self._next_id = 0
@@ -282,7 +283,7 @@ class Engine:
         timing.last_token = now
         timing.generated_tokens = sequence.produced
         finish = None
-        if token in self.stop_tokens and not request.ignore_eos:
+        if token in request.stop_tokens or (token in self.end_tokens and not request.ignore_eos):
             text, finish = sequence.stops.flush(), "stop"
         else:
             detokenizer = sequence.detokenizer

@@ -94,7 +94,7 @@ def test_a_state_the_decoder_cannot_update_takes_the_plain_path():
 def test_native_step_equals_the_forward(dtype, native_bf16):
     """On CPUs with and without native bf16 (forced either way), whatever dtype the prefill computes in."""
     griffin = model(dtype)
-    backend = prepare(griffin, Options(native_bf16=native_bf16))
+    backend = prepare(griffin, options=Options(native_bf16=native_bf16))
     assert backend.decode_path == "native"
     computes_bf16 = griffin.activation_dtype == torch.bfloat16
     assert computes_bf16 == (dtype == torch.bfloat16 and native_bf16)
@@ -149,7 +149,7 @@ def test_native_embedding_and_logits_equal_the_model(bits, dtype):
     """A Decoder with no blocks: the embedding's rows, the final norm, the tied output layer and the soft cap,
     in every weight format (int4 rows padded to whole groups)."""
     griffin = model(dtype, bits)
-    prepare(griffin, Options(native_bf16=False))  # the forward in float32, as the Decoder computes
+    prepare(griffin, options=Options(native_bf16=False))  # the forward in float32, as the Decoder computes
     cfg = griffin.config
     decoder = build_decoder(griffin, layers=[])
     tokens = torch.tensor([0, 7, cfg.vocab_size - 1])
@@ -167,7 +167,7 @@ def test_native_step_follows_weights_changed_in_place(changed, dtype):
     """The Decoder keeps float32 copies of bfloat16 norms and biases (float32 ones it shares), so it must see
     in-place changes and build itself again."""
     griffin = model(dtype)
-    backend = prepare(griffin, Options(native_bf16=False))  # the forward in float32, as the Decoder computes
+    backend = prepare(griffin, options=Options(native_bf16=False))  # the forward in float32, as the Decoder computes
     tokens, state = prefilled(griffin)
     expected_state = state.clone()
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_without_native_kernels_the_step_is_the_plain_forward():
     expected_state = state.clone()
     with torch.no_grad():
         native_logits, _ = prepare(griffin).step(tokens[:, :1], expected_state)
-        plain = prepare(griffin, Options(native_kernels=False))
+        plain = prepare(griffin, options=Options(native_kernels=False))
         assert plain.decode_path == "plain" and plain.describe()["decode"] == "plain"
         logits, _ = plain.step(tokens[:, :1], state)
     assert relative_error(logits, native_logits) < 1e-5

@@ -38,8 +38,8 @@ def default():
 
 def engine(default, native: bool, **options) -> Engine:
     model, tokenizer = default
-    return Engine(model, tokenizer, backend=prepare(model, Options(native_kernels=native)), chunk_size=CHUNK,
-                  **options)
+    backend = prepare(model, options=Options(native_kernels=native))
+    return Engine(model, tokenizer, backend=backend, chunk_size=CHUNK, **options)
 
 
 def drain(engine: Engine, ids) -> dict[int, tuple[list[int], str, str]]:
@@ -180,6 +180,18 @@ def test_no_slot_leaks_over_a_thousand_random_events(default):
     assert not any(shared.in_flight(i) for i in range(added))
 
 
+def test_a_request_stops_at_its_own_stop_tokens(default):
+    """Token ids of the request's own end a request at the first one, even with the model's end tokens ignored."""
+    _, tokenizer = default
+    prompt = tokenizer.encode("It was a fine morning, and", bos=True)
+    free, _, _ = alone(default, False, Request(prompt, SamplingParams(temperature=0.0), max_tokens=12,
+                                               ignore_eos=True))
+    at = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    tokens, _, reason = alone(default, False, Request(prompt, SamplingParams(temperature=0.0), max_tokens=12,
+                                                      ignore_eos=True, stop_tokens=[free[at]]))
+    assert tokens == free[: at + 1] and reason == "stop"
+
+
 def test_empty_prompt_and_tokens_outside_the_vocabulary_are_refused(default):
     shared = engine(default, False)
     with pytest.raises(ValueError, match="empty prompt"):
@@ -192,10 +204,11 @@ def test_empty_prompt_and_tokens_outside_the_vocabulary_are_refused(default):
 
 def test_the_backend_says_how_it_serves_the_model(default):
     model, _ = default  # bf16 weights
-    described = prepare(model, Options(native_kernels=False, native_bf16=False)).describe()
+    described = prepare(model, options=Options(native_kernels=False, native_bf16=False)).describe()
     assert described == {"backend": "cpu", "device": "cpu", "weights": "bfloat16", "activations": "float32",
                          "decode": "plain"}
-    assert prepare(model, Options(native_kernels=False, native_bf16=True)).describe()["activations"] == "bfloat16"
+    native_bf16 = prepare(model, options=Options(native_kernels=False, native_bf16=True))
+    assert native_bf16.describe()["activations"] == "bfloat16"
     if kernels() is not None:
         assert prepare(model).describe()["decode"] == "native"
 

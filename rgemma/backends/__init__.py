@@ -18,6 +18,8 @@ nowhere else:
 
 from __future__ import annotations
 
+import torch
+
 from rgemma.backends.base import Backend, Options
 from rgemma.backends.cpu import CpuBackend
 from rgemma.backends.cuda import CudaBackend
@@ -26,11 +28,14 @@ from rgemma.model import Griffin
 __all__ = ["Backend", "Options", "prepare"]
 
 
-def prepare(model: Griffin, options: Options | None = None) -> Backend:
-    """Rewrite `model` in place for its device and return the backend that serves it.
+def prepare(model: Griffin, device: torch.device | str | None = None, options: Options | None = None) -> Backend:
+    """Rewrite `model` in place for `device` (moving it there; default: where it is) and return the backend that
+    serves it.
 
-    Preparing a model twice is harmless: the second call finds it prepared.
+    Preparing a model again (for other options, say) is harmless: the last call decides.
     """
+    if device is not None:
+        model.to(device)
     options = (options or Options()).resolved()
     kinds = {"cpu": CpuBackend, "cuda": CudaBackend}
     return kinds.get(model.device.type, Backend)(model, options)
