@@ -107,7 +107,7 @@ class _Sequence:
     state: State | None  # its own one-row state while it reads its prompt; None once in the pool
     logits: torch.Tensor | None  # (1, V) next-token logits of a context it continues
     unread: list[int]  # prompt tokens not read yet
-    position: int  # the absolute position of its next token
+    position: int  # the absolute position of its next prompt token, for aligning prefill chunks
     tokens: list[int]  # every token read so far (prompt and generated)
     sampler: Sampler | None
     detokenizer: object
@@ -259,7 +259,6 @@ class Engine:
         sample = self._sampler(logits)
         events = []
         for row, sequence in enumerate(self._running):
-            sequence.position += 1
             if not read_last[row]:
                 events.append(self._sampled(sequence, sample, row))
         # In reverse, so that the last row, which moves into a freed slot, has been dealt with.
