@@ -8,7 +8,11 @@ tick of work and returns the events it produced:
   A request is prefilled alone, in chunks whose ends fall on multiples of
   the chunk size in its absolute positions, so the products it runs never
   depend on what else is queued or running; its first token is sampled
-  when the prompt is read;
+  when the prompt is read. A request may name more chunk ends (`breaks`,
+  a chat's turn boundaries) and ask for a snapshot of its Context after
+  each chunk: a request that later starts from such a snapshot runs the
+  same products from there as one that read the whole prompt itself, so
+  the two give the same tokens (the server's prefix cache rests on this);
 - one decode step of every running request, in one batch.
 
 Running requests live in the rows of a pool of states (`slots`): rows 0..n-1
@@ -47,10 +51,16 @@ class Request:
     stop_tokens: Sequence[int] = ()  # more token ids that end the request, besides the model's end tokens
     ignore_eos: bool = False  # the model's end tokens do not end it (benchmarks: exactly max_tokens)
     keep_context: bool = False  # read the last token too and keep the request's Context
+    # Prompt offsets where a prefill chunk must end (a chat's turn boundaries): a snapshot taken
+    # there is the state a later request starting from it would have computed itself.
+    breaks: Sequence[int] = ()
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be at least 0 (0: read the prompt only), got {self.max_tokens}")
+        bad = [b for b in self.breaks if not 0 < b <= len(self.prompt)]
+        if bad:
+            raise ValueError(f"break {bad[0]} is not an offset within the prompt of {len(self.prompt)} tokens")
 
 
 @dataclasses.dataclass
@@ -108,12 +118,15 @@ class _Sequence:
     logits: torch.Tensor | None  # (1, V) next-token logits of a context it continues
     unread: list[int]  # prompt tokens not read yet
     position: int  # the absolute position of its next prompt token, for aligning prefill chunks
-    tokens: list[int]  # every token read so far (prompt and generated)
+    breaks: list[int]  # absolute positions where a prefill chunk must end
+    tokens: list[int]  # the context's tokens, the prompt, then each generated token
+    read: int  # how many of `tokens` the state has read
     sampler: Sampler | None
     detokenizer: object
     stops: StopStrings
     timing: Timing
     progress: Callable[[int], None] | None
+    snapshot: Callable[[Context], None] | None
     produced: int = 0
     next_token: int | None = None  # sampled, to be read at the next decode step
     finishing: bool = False  # finished; reads its last token only to keep its context
@@ -151,10 +164,14 @@ class Engine:
     # Requests ---------------------------------------------------------------------
 
     def add(self, request: Request, context: Context | None = None,
-            progress: Callable[[int], None] | None = None) -> int:
+            progress: Callable[[int], None] | None = None,
+            snapshot: Callable[[Context], None] | None = None) -> int:
         """Queue a request, continuing `context` (one row, not changed) if given; returns its id.
 
-        `progress` is told how many prompt tokens each prefill chunk read.
+        `progress` is told how many prompt tokens each prefill chunk read;
+        `snapshot` is given a copy of the request's Context after each chunk
+        (at aligned boundaries, at breaks and at the prompt's end).
+        A request with max_tokens 0 only reads its prompt.
         """
         if request.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
@@ -173,10 +190,11 @@ class Engine:
             position = int(context.state.position[0])
         sequence = _Sequence(
             id=self._next_id, request=request, state=state, logits=logits, unread=list(request.prompt),
-            position=position, tokens=tokens + list(request.prompt), sampler=None,
+            position=position, breaks=[position + b for b in sorted(request.breaks)],
+            tokens=tokens + list(request.prompt), read=len(tokens), sampler=None,
             detokenizer=self.tokenizer.detokenizer() if self.tokenizer is not None else None,
             stops=StopStrings(request.stop), timing=Timing(time.perf_counter(), len(request.prompt)),
-            progress=progress,
+            progress=progress, snapshot=snapshot,
         )
         self._next_id += 1
         self._waiting.append(sequence)
@@ -229,19 +247,31 @@ class Engine:
 
     def _prefill_chunk(self, sequence: _Sequence) -> list[Event]:
         if sequence.unread:
-            end = (sequence.position // self.chunk_size + 1) * self.chunk_size  # the next aligned boundary
+            # The next aligned boundary, or the next break if that comes first.
+            end = (sequence.position // self.chunk_size + 1) * self.chunk_size
+            end = min([end] + [b for b in sequence.breaks if b > sequence.position])
             chunk = sequence.unread[: end - sequence.position]
             tokens = torch.tensor([chunk], dtype=torch.int64, device=self.model.device)
             hidden, _ = self.model.hidden_states(tokens, state=sequence.state)
             del sequence.unread[: len(chunk)]
             sequence.position += len(chunk)
+            sequence.read += len(chunk)
             if sequence.progress is not None:
                 sequence.progress(len(chunk))
-            if sequence.unread:
+            if sequence.unread and sequence.snapshot is None:
                 return []
             sequence.logits = self.model.logits(hidden[:, -1])
+            if sequence.snapshot is not None:
+                tokens_read = sequence.tokens[: sequence.read]
+                sequence.snapshot(Context(sequence.state.clone(), sequence.logits.clone(), [tokens_read]))
+            if sequence.unread:
+                return []
         self._waiting.popleft()
         sequence.timing.prefilled = time.perf_counter()
+        if sequence.request.max_tokens == 0:
+            self.timings[sequence.id] = sequence.timing
+            self._finish(sequence, sequence.state, sequence.logits)
+            return []
         sequence.sampler = Sampler([sequence.request.sampling], self.model.config.vocab_size, self.model.device)
         sequence.sampler.add_context(0, sequence.tokens)
         event = self._sampled(sequence, sequence.sampler(sequence.logits), 0)

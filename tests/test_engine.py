@@ -245,3 +245,49 @@ def test_an_event_loop_runs_on_while_the_engine_steps_in_another_thread(one_thre
     ticks = asyncio.run(ticking())
     worker.join()
     assert ticks >= 3 * len(steps), (ticks, len(steps))
+
+
+@pytest.mark.parametrize("native", PATHS)
+def test_a_request_from_a_snapshot_equals_one_that_read_the_whole_prompt(default, native):
+    """Snapshots come after every chunk, at breaks too; continuing from one gives the same tokens, bit for bit."""
+    model, tokenizer = default
+    prompt = tokenizer.encode("The snapshot at a turn boundary is the state a later request starts from.", bos=True)
+    breaks = [5, 13]  # not multiples of CHUNK
+    request = Request(prompt, SamplingParams(temperature=0.9, seed=3), max_tokens=12, breaks=breaks)
+    whole = engine(default, native)
+    snapshots = []
+    whole_id = whole.add(request, snapshot=snapshots.append)
+    expected = drain(whole, [whole_id])[whole_id]
+    ends = [len(s.tokens[0]) for s in snapshots]
+    aligned = list(range(CHUNK, len(prompt), CHUNK))
+    assert ends == sorted(set(breaks + aligned + [len(prompt)]))
+    for snapshot in snapshots:
+        read = len(snapshot.tokens[0])
+        assert snapshot.tokens[0] == prompt[:read]
+        rest = Request(prompt[read:], request.sampling, max_tokens=12,
+                       breaks=[b - read for b in breaks if b > read])
+        resumed = engine(default, native)
+        resumed_id = resumed.add(rest, context=snapshot)
+        assert drain(resumed, [resumed_id])[resumed_id] == expected, f"from the snapshot after {read} tokens"
+
+
+def test_a_request_for_no_tokens_only_reads_its_prompt(default):
+    model, tokenizer = default
+    prompt = tokenizer.encode("Only read this.", bos=True)
+    reader = engine(default, False)
+    request_id = reader.add(Request(prompt, max_tokens=0, keep_context=True))
+    events = []
+    while reader.in_flight(request_id):
+        events += reader.step()
+    assert events == [] and reader.running == 0
+    context = reader.contexts.pop(request_id)
+    logits, _ = model(torch.tensor([prompt]))
+    torch.testing.assert_close(context.logits, logits[:, -1])
+    assert context.tokens == [prompt] and int(context.state.position[0]) == len(prompt)
+
+
+def test_breaks_outside_the_prompt_are_refused():
+    with pytest.raises(ValueError, match="break 4 is not an offset within the prompt of 3 tokens"):
+        Request([1, 2, 3], breaks=[4])
+    with pytest.raises(ValueError, match="max_tokens must be at least 0"):
+        Request([1, 2, 3], max_tokens=-1)
