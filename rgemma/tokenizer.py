@@ -93,6 +93,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
 
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes one token stands for on its own: a byte piece's byte, a word piece's
+        text with its space marker as a space, a control piece's name."""
+        piece = self._sp.id_to_piece(token)
+        if self._sp.is_byte(token):  # "<0x0A>"
+            return bytes([int(piece[3:-1], 16)])
+        return piece.replace("\u2581", " ").encode()
+
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
 
@@ -226,15 +234,19 @@ def _turn(tokenizer: Tokenizer, role: str, text: str) -> list[int]:
     return _open_turn(tokenizer, role, text) + _close_turn(tokenizer)
 
 
+def chat_turns(tokenizer: Tokenizer, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> list[list[int]]:
+    """The ids of a conversation in pieces: [bos], each turn (a system message folded into the first),
+    then the prompt for the reply. A conversation's pieces start with those of each of its beginnings."""
+    _turn_markers(tokenizer)
+    pieces = [[tokenizer.bos_id]] + [_turn(tokenizer, role, text) for role, text in _turns(messages)]
+    if add_generation_prompt:
+        pieces.append(_open_turn(tokenizer, "model"))
+    return pieces
+
+
 def chat_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> list[int]:
     """The ids of a conversation; messages are {"role": system|user|assistant|model, "content": str}."""
-    _turn_markers(tokenizer)
-    ids = [tokenizer.bos_id]
-    for role, text in _turns(messages):
-        ids += _turn(tokenizer, role, text)
-    if add_generation_prompt:
-        ids += _open_turn(tokenizer, "model")
-    return ids
+    return [token for piece in chat_turns(tokenizer, messages, add_generation_prompt) for token in piece]
 
 
 def next_user_turn(tokenizer: Tokenizer, content: str) -> list[int]:
