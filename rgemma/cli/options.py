@@ -32,9 +32,15 @@ def quantize_options(args) -> dict:
     return {"quantize": args.quantize} | ({} if args.group_size is None else {"group_size": args.group_size})
 
 
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", metavar="DIR",
+                        help="a LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply")
+
+
 def add_generation_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--model", help="checkpoint directory or file, or a Hugging Face hub id "
                         "(default: the model embedded in rgemma)")
+    add_adapter_option(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: the checkpoint's)")
     add_quantize_options(parser)
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
@@ -64,6 +70,10 @@ def load_engine(args):
         torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     model = load_model(path, dtype=torch_dtype(args.dtype), **quantize_options(args)).eval()
+    if getattr(args, "adapter", None):
+        from rgemma.lora import load_adapter
+
+        load_adapter(model, args.adapter)
     return Engine(model, Tokenizer.find(path))
 
 
