@@ -25,7 +25,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -153,6 +153,8 @@ class State:
 # State files ---------------------------------------------------------------
 
 STATE_FORMAT = "rgemma-state-1"
+# Positions beyond this are refused: far past any sequence, and position + window never overflows int64.
+MAX_POSITION = 2**62
 
 
 class StateFileError(ValueError):
@@ -186,12 +188,17 @@ def save_state(
     model,
     extras: dict[str, torch.Tensor] | None = None,
     metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+    protected: Iterable[str | os.PathLike] = (),
 ) -> None:
     """Write a state (with optional extra tensors, e.g. next-token logits) as safetensors, atomically.
 
-    The header names the model (config and fingerprint) and each row's position.
+    The header names the model (config and fingerprint) and each row's
+    position. An existing file is replaced only with `overwrite`, and a
+    `protected` one (the model's own files) never.
     """
     path = Path(path)
+    check_target(path, overwrite, protected)
     tensors = _state_tensors(state) | {f"extra.{name}": t for name, t in (extras or {}).items()}
     header = {
         **(metadata or {}),
@@ -201,12 +208,21 @@ def save_state(
         "layer_types": json.dumps([type(layer).__name__ for layer in state.layers]),
         "position": json.dumps(state.position.tolist()),
     }
-    with atomic_file(path) as temporary:
-        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, temporary, metadata=header)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    try:
+        with atomic_file(path) as temporary:
+            save_file(tensors, temporary, metadata=header)
+    except SafetensorError as error:  # safetensors reports a full disk this way
+        raise StateFileError(f"{path}: cannot write the state: {str(error).splitlines()[0]}") from error
 
 
 def load_state(path: str | os.PathLike, model) -> tuple[State, dict[str, torch.Tensor], dict[str, str]]:
-    """Read a state file written by `save_state` for this same model: (state, extras, header)."""
+    """Read a state file written by `save_state` for this same model: (state, extras, header).
+
+    The file is untrusted input, like a checkpoint: before anything computes
+    with it, its tensors must be exactly those of `State.zeros` for the model
+    (names, shapes, dtypes), finite, and its positions in range.
+    """
     path = Path(path)
     try:
         with safe_open(path, framework="pt") as handle:
@@ -218,11 +234,77 @@ def load_state(path: str | os.PathLike, model) -> tuple[State, dict[str, torch.T
         raise StateFileError(f"{path}: not an rgemma state file (format {header.get('format')!r})")
     if header.get("model") != model_fingerprint(model):
         raise StateFileError(f"{path}: the state was saved from another model (fingerprint {header.get('model')})")
-    kinds = {"RecurrentState": RecurrentState, "AttentionState": AttentionState}
-    layers = []
-    for i, kind in enumerate(json.loads(header["layer_types"])):
-        cls = kinds[kind]
-        layers.append(cls(**{f.name: tensors[f"layers.{i}.{f.name}"] for f in dataclasses.fields(cls)}))
-    state = State(position=tensors["position"], layers=layers).to(model.device)
+    state = _checked_state(path, tensors, model).to(model.device)
     extras = {name.removeprefix("extra."): t for name, t in tensors.items() if name.startswith("extra.")}
     return state, extras, header
+
+
+def _checked_state(path: Path, tensors: dict[str, torch.Tensor], model) -> State:
+    position = tensors.get("position")
+    if position is None or position.dtype != torch.int64 or position.dim() != 1 or len(position) == 0:
+        raise StateFileError(f"{path}: tensor position must be a non-empty int64 (B,) tensor")
+    if not bool(((position >= 0) & (position <= MAX_POSITION)).all()):
+        raise StateFileError(f"{path}: tensor position holds values outside [0, {MAX_POSITION}]")
+    # The shapes and dtypes a state of this model has, computed on the meta device: nothing is allocated.
+    expected = State.zeros(model.config, len(position), dtype=model.activation_dtype, device="meta")
+    expected_tensors = _state_tensors(expected)
+    unexpected = sorted(name for name in tensors.keys() - expected_tensors.keys() if not name.startswith("extra."))
+    if unexpected:
+        raise StateFileError(f"{path}: unexpected tensors {unexpected[:3]}: not a state of this model")
+    checked = {}
+    for name, like in expected_tensors.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise StateFileError(f"{path}: missing tensor {name}")
+        if tuple(tensor.shape) != tuple(like.shape):
+            raise StateFileError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model's state needs {tuple(like.shape)}"
+            )
+        # The attention rings are kept in the activations' dtype, which depends on the machine (a bf16 model
+        # computes in float32 where the CPU has no fast bf16): any float dtype is taken and converted.
+        if like.dtype.is_floating_point and like.dtype != torch.float32:
+            allowed = (torch.float32, torch.bfloat16, torch.float16)
+        else:
+            allowed = (like.dtype,)
+        if tensor.dtype not in allowed:
+            raise StateFileError(
+                f"{path}: tensor {name} has dtype {tensor.dtype}, the model's state needs {like.dtype}"
+            )
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise StateFileError(f"{path}: tensor {name} holds NaN or infinite values")
+        checked[name] = tensor.to(like.dtype)
+    layers = []
+    for i, like in enumerate(expected.layers):
+        layer = type(like)(**{f.name: checked[f"layers.{i}.{f.name}"] for f in dataclasses.fields(like)})
+        if isinstance(layer, AttentionState):
+            _check_ring(path, f"layers.{i}.pos", layer.pos, checked["position"])
+        layers.append(layer)
+    return State(position=checked["position"], layers=layers)
+
+
+def _check_ring(path: Path, name: str, ring: torch.Tensor, position: torch.Tensor) -> None:
+    """Each slot is empty (-1) or holds an earlier position of its row, in the slot position % W."""
+    window = ring.shape[1]
+    slot = torch.arange(window)
+    valid = (ring == -1) | ((ring >= 0) & (ring < position[:, None]) & (ring % window == slot))
+    if not bool(valid.all()):
+        row, column = (~valid).nonzero()[0].tolist()
+        raise StateFileError(
+            f"{path}: tensor {name} holds {ring[row, column].item()} in slot {column} of row {row}, which is "
+            f"neither empty (-1) nor an earlier position stored at position % {window}"
+        )
+
+
+def check_target(path: str | os.PathLike, overwrite: bool, protected: Iterable[str | os.PathLike] = (),
+                 force: str = "--force") -> None:
+    """Refuse to write onto a protected file (the loaded model's), or onto an existing one without `overwrite`
+    (which `force` says how to ask for)."""
+    path = Path(path)
+    for other in protected:
+        if path.resolve() == Path(other).resolve() or (path.exists() and Path(other).exists()
+                                                        and os.path.samefile(path, other)):
+            raise FileExistsError(f"{path}: is a file of the loaded model; will not overwrite it")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists; will not overwrite it without {force}")

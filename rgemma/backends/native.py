@@ -2,6 +2,15 @@
 
 Where they cannot be built or run, every product takes the plain PyTorch
 path, which computes the same function: the tests compare the two.
+
+RGEMMA_SANITIZE=address builds them with AddressSanitizer (into a cache
+directory of their own), to check that no input makes them read or write out
+of bounds. Python itself is not built with it, so the ASan runtime must be
+loaded first:
+
+    RGEMMA_SANITIZE=address ASAN_OPTIONS=detect_leaks=0 \
+    LD_PRELOAD=$(gcc -print-file-name=libasan.so) python -m pytest -n 0 -p no:cacheprovider \
+        tests/test_hostile_input.py -k fuzz
 """
 
 from __future__ import annotations
@@ -18,11 +27,21 @@ import torch
 
 SOURCE = Path(__file__).parent.parent / "csrc" / "cpu_kernels.cpp"
 COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+SANITIZE_FLAGS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]}
+
+
+def _sanitize_flags() -> list[str]:
+    """RGEMMA_SANITIZE's compiler and linker flags (none when unset)."""
+    name = os.environ.get("RGEMMA_SANITIZE", "")
+    if name and name not in SANITIZE_FLAGS:
+        raise ValueError(f"RGEMMA_SANITIZE={name!r}: valid values are {', '.join(SANITIZE_FLAGS)}")
+    return SANITIZE_FLAGS.get(name, [])
 
 
 def _cache_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    flags = COMPILE_FLAGS + _sanitize_flags()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     return base / "rgemma" / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
@@ -46,8 +65,8 @@ def kernels() -> ModuleType | None:
         return cpp_extension.load(
             name="rgemma_cpu_kernels",
             sources=[str(SOURCE)],
-            extra_cflags=COMPILE_FLAGS,
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=COMPILE_FLAGS + _sanitize_flags(),
+            extra_ldflags=["-fopenmp"] + _sanitize_flags(),
             build_directory=str(build_dir),
         )
     except Exception as error:  # a missing compiler or ninja: fall back, but say so once

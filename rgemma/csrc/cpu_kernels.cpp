@@ -645,6 +645,21 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& q, const 
   return Linear::int4(q, scale, minimum, group)(x);
 }
 
+// The positions of M rows (M) int64: checked on every call, as they index the
+// attention rings (slot = position % W) and the state files that carry them
+// are untrusted input. Refused, not computed, outside [0, kMaxPosition].
+constexpr int64_t kMaxPosition = int64_t{1} << 62;
+
+const int64_t* checked_positions(const torch::Tensor& positions, int64_t M, const char* caller) {
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == M,
+              caller, ": positions must be int64 with one value per row");
+  const int64_t* position = positions.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK_VALUE(position[m] >= 0 && position[m] <= kMaxPosition, caller, ": row ", m, " is at position ",
+                      position[m], ", outside [0, 2^62]");
+  return position;
+}
+
 // Attention of a few queries (decoding) -------------------------------------------
 //
 // out[b, q, h] = softmax_j(scale * q[b, q, h] . key_j) @ value_j over the visible
@@ -879,14 +894,14 @@ torch::Tensor attention_step(const torch::Tensor& q, const torch::Tensor& k, con
   TORCH_CHECK(ring_pos.scalar_type() == torch::kInt64 && ring_pos.is_contiguous() &&
                   ring_pos.sizes() == torch::IntArrayRef({M, W}),
               "attention_step: the ring's positions must be a contiguous int64 (M, W) tensor");
-  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == M,
-              "attention_step: positions must be int64 with one value per row");
+  TORCH_CHECK_VALUE(W >= 1, "attention_step: the ring has no slots");
+  const int64_t* position = checked_positions(positions, M, "attention_step");
   TORCH_CHECK(inverse_frequency.scalar_type() == torch::kFloat32 && inverse_frequency.is_contiguous() &&
                   inverse_frequency.numel() == K / 4,
               "attention_step: inverse_frequency must be contiguous float32 with K / 4 values");
   auto out = torch::empty_like(q);
   attention_rows(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), M, H, K, ring_k, ring_v, ring_pos,
-                 positions.data_ptr<int64_t>(), inverse_frequency.data_ptr<float>(), scale, out.data_ptr<float>());
+                 position, inverse_frequency.data_ptr<float>(), scale, out.data_ptr<float>());
   return out;
 }
 
@@ -1021,6 +1036,7 @@ void conv_rows(const float* x, int64_t M, int64_t L, float* taps, int64_t C, con
         if (position[m] >= C - j) sum += weight[l * (C + 1) + j] * row_taps[j * L + l];
       out[m * L + l] = sum;
     }
+    if (C == 0) continue;  // conv_width 1: no taps to shift
     std::copy(row_taps + L, row_taps + C * L, row_taps);
     std::copy(x + m * L, x + (m + 1) * L, row_taps + (C - 1) * L);
   }
@@ -1038,11 +1054,10 @@ torch::Tensor conv_step(const torch::Tensor& x, torch::Tensor& taps, const torch
               "conv_step: weight must be a contiguous float32 (L, C + 1) tensor");
   TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == L,
               "conv_step: bias must be contiguous float32 with L values");
-  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == M,
-              "conv_step: positions must be int64 with one value per row");
+  const int64_t* position = checked_positions(positions, M, "conv_step");
   auto out = torch::empty_like(x);
   conv_rows(x.data_ptr<float>(), M, L, taps.data_ptr<float>(), C, weight.data_ptr<float>(), bias.data_ptr<float>(),
-            positions.data_ptr<int64_t>(), out.data_ptr<float>());
+            position, out.data_ptr<float>());
   return out;
 }
 
@@ -1125,10 +1140,9 @@ torch::Tensor rglru_step(const torch::Tensor& x, const torch::Tensor& input_gate
   TORCH_CHECK(x.size(1) == weights.log_a_rate.numel(), "rglru_step: x must be (M, L)");
   TORCH_CHECK(h.scalar_type() == torch::kFloat32 && h.is_contiguous() && h.sizes() == x.sizes(),
               "rglru_step: h must be a contiguous float32 tensor shaped as x");
-  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == x.size(0),
-              "rglru_step: positions must be int64 with one value per row");
+  const int64_t* position = checked_positions(positions, x.size(0), "rglru_step");
   auto out = torch::empty_like(x), input_gate = torch::empty_like(x), recurrence_gate = torch::empty_like(x);
-  rglru_rows(x.data_ptr<float>(), x.size(0), weights, h.data_ptr<float>(), positions.data_ptr<int64_t>(),
+  rglru_rows(x.data_ptr<float>(), x.size(0), weights, h.data_ptr<float>(), position,
              input_gate.data_ptr<float>(), recurrence_gate.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
@@ -1249,7 +1263,7 @@ class Decoder {
     const std::string problem = misfit(states, x.size(0));
     TORCH_CHECK(problem.empty(), "Decoder: ", problem);
     auto residual = x.clone();
-    blocks(residual.data_ptr<float>(), x.size(0), check_positions(positions, x.size(0)), states);
+    blocks(residual.data_ptr<float>(), x.size(0), checked_positions(positions, x.size(0), "Decoder"), states);
     return residual;
   }
 
@@ -1263,7 +1277,7 @@ class Decoder {
     TORCH_CHECK(tokens.scalar_type() == torch::kInt64 && tokens.dim() == 1 && tokens.is_contiguous(),
                 "Decoder: tokens must be a contiguous int64 (M) tensor");
     const int64_t M = tokens.size(0), D = width_;
-    const int64_t* position = check_positions(positions, M);
+    const int64_t* position = checked_positions(positions, M, "Decoder");
     if (!misfit(states, M).empty()) return std::nullopt;
     auto residual = torch::empty({M, D}, tokens.options().dtype(torch::kFloat32));
     float* x = residual.data_ptr<float>();
@@ -1333,6 +1347,8 @@ class Decoder {
         const int64_t K = block.linear[1].N;
         if (state.size() != 3) return where + "an attention block's state is [keys, values, slot positions]";
         const int64_t W = state[0].dim() == 3 ? state[0].size(1) : -1;
+        // Not a layout another path could take: a ring of no slots is outside every path's contract.
+        TORCH_CHECK_VALUE(W != 0, "Decoder: ", where, "an attention ring of no slots");
         if (!fits(state[0], {torch::kFloat32, torch::kBFloat16}, {M, W, K}) ||
             !fits(state[1], {state[0].scalar_type()}, {M, W, K}))
           return where + "keys and values must be contiguous (M, W, K) tensors, both float32 or both bfloat16";
@@ -1341,12 +1357,6 @@ class Decoder {
       }
     }
     return "";
-  }
-
-  static const int64_t* check_positions(const torch::Tensor& positions, int64_t M) {
-    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == M,
-                "Decoder: positions must be int64 with one value per row");
-    return positions.data_ptr<int64_t>();
   }
 
   // The embedding of `token` into out (D): its row, in the dtype the model's
