@@ -1,28 +1,36 @@
 """Interactive multi-turn chat that keeps the conversation as the fixed-size state.
 
 Each turn feeds only its own tokens: the history lives in the Context, never
-re-read. Lines starting with "/" are commands: /save FILE, /load FILE,
-/reset, /quit.
+re-read. Lines starting with "/" are commands: /save FILE (a new file),
+/save! FILE (replacing one), /load FILE, /reset, /quit. A command that fails
+(a damaged file, a full disk) says why, and the conversation goes on.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterable
 from typing import TextIO
+
+from safetensors import SafetensorError
 
 from rgemma.context import Context
 from rgemma.engine import Engine, Request
 from rgemma.generate import Generation
 from rgemma.sampling import SamplingParams
-from rgemma.state import StateFileError
-from rgemma.tokenizer import chat_prompt, next_user_turn
+from rgemma.state import check_target
+from rgemma.tokenizer import TokenizerError, chat_prompt, next_user_turn
 
-HELP = "commands: /save FILE, /load FILE, /reset, /quit"
+HELP = "commands: /save FILE, /save! FILE (replace it), /load FILE, /reset, /quit"
 
 
 class Chat:
-    def __init__(self, engine: Engine, sampling: SamplingParams, max_tokens: int, system: str | None = None):
+    def __init__(self, engine: Engine, sampling: SamplingParams, max_tokens: int, system: str | None = None,
+                 protected: Iterable[str | os.PathLike] = ()):
+        """`protected`: files /save never writes over (the model's own)."""
         self.engine = engine
+        self.protected = list(protected)
         self.model = engine.model
         self.tokenizer = engine.tokenizer
         self.sampling = sampling
@@ -62,19 +70,24 @@ class Chat:
         if name == "/reset":
             self.context = None
             print("(conversation reset)", file=err)
-        elif name in ("/save", "/load") and not argument:
+        elif name in ("/save", "/save!", "/load") and not argument:
             print(f"{name} needs a file name", file=err)
-        elif name == "/save":
+        elif name in ("/save", "/save!"):
             if self.context is None:
                 print("nothing to save yet", file=err)
             else:
-                self.context.save(argument, self.model)
-                print(f"(saved to {argument})", file=err)
+                overwrite = name == "/save!"
+                try:
+                    check_target(argument, overwrite, self.protected, force="/save! FILE")
+                    self.context.save(argument, self.model, overwrite=overwrite, protected=self.protected)
+                    print(f"(saved to {argument})", file=err)
+                except (ValueError, OSError, SafetensorError) as error:
+                    print(f"rgemma: error: {error}", file=err)
         elif name == "/load":
             try:
                 self.context = Context.load(argument, self.model)
                 print(f"(loaded {argument}: {len(self.context.tokens[0])} tokens)", file=err)
-            except StateFileError as error:
+            except (ValueError, OSError) as error:  # the conversation so far is kept
                 print(f"rgemma: error: {error}", file=err)
         else:
             print(HELP, file=err)
@@ -100,6 +113,10 @@ def run(chat: Chat, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stde
             if not chat.command(line, stderr):
                 break
             continue
-        generation = chat.reply(line, stdout)
+        try:
+            generation = chat.reply(line, stdout)
+        except TokenizerError as error:  # raised before anything is read: the conversation is as it was
+            print(f"rgemma: error: {error}", file=stderr)
+            continue
         if report is not None:
             report(generation.stats)

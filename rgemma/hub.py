@@ -43,9 +43,20 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise ModelNotFound("no --model given and this installation has no embedded default model")
         return DEFAULT_MODEL
+    if not str(spec).strip():
+        raise ModelNotFound("the model name is empty: give a checkpoint path or a hub id, or leave --model out")
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if HUB_ID.fullmatch(str(spec)) and not str(spec).startswith((".", "/")):
+    # A hub id looks like a relative path of two parts; where the first part is a local directory
+    # (models/tiny-v2 mistyped), the user meant a path, and a download attempt would only confuse.
+    if HUB_ID.fullmatch(str(spec)) and not str(spec).startswith((".", "/")) and not path.parent.is_dir():
         return _download(str(spec))
     raise ModelNotFound(f"{spec}: no such file or directory")
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files a model at `path` (a checkpoint file or directory) is read from: what nothing may overwrite."""
+    if path.is_dir():
+        return [file for file in path.iterdir() if file.is_file()]
+    return [path]

@@ -205,11 +205,18 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if self._sampled_rows:
             tokens = torch.where(self._greedy, tokens, self._sample(logits))
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        # A NaN or +inf logit makes its row's log-probabilities NaN: checked on the (B,) chosen ones, so that
+        # a broken model or config stops with an error instead of emitting arbitrary tokens.
+        if not bool(torch.isfinite(chosen).all()):
+            row = int((~torch.isfinite(chosen)).nonzero()[0])
+            raise ValueError(f"the model gave NaN or infinite logits (batch row {row}): its weights or config "
+                             "are broken")
         if self._any_penalty:
             self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32))
         return SampleResult(
             tokens=tokens,
-            logprobs=logprobs.gather(1, tokens[:, None])[:, 0],
+            logprobs=chosen,
             top_logprobs=self._top_logprobs(logprobs),
         )
 

@@ -78,6 +78,14 @@ class Tokenizer:
         looked = " or ".join(str(place / TOKENIZER_FILE) for place in places)
         raise TokenizerError(f"no tokenizer for {model_path}: looked for {looked}")
 
+    def check_fits(self, vocab_size: int) -> None:
+        """Refuse a model whose vocabulary is smaller than this tokenizer's: its ids would not all have a row."""
+        if self.vocab_size > vocab_size:
+            raise TokenizerError(
+                f"{self.path}: {self.vocab_size} pieces, more than the model's vocabulary of {vocab_size}: "
+                "not the model's tokenizer"
+            )
+
     def _piece_id(self, piece: str) -> int | None:
         # Unknown pieces map to the unk id, so check the way back.
         i = self._sp.piece_to_id(piece)
@@ -85,6 +93,15 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """The ids of plain text: turn markers spelt in it stay text."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"can only encode text (str), got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            # A lone surrogate: what Python makes of invalid UTF-8 in argv, or of "\ud800" in JSON.
+            raise TokenizerError(
+                f"the text is not valid Unicode: lone surrogate {text[error.start]!r} at character {error.start}"
+            ) from None
         ids = self._sp.encode(text)
         if not self._plain.keys().isdisjoint(ids):
             ids = [j for i in ids for j in self._plain.get(i, (i,))]

@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+
+from safetensors import SafetensorError  # torch-free, like everything imported here
 
 # name -> (module with add_arguments(parser) and run(args), one-line help)
 COMMANDS = {
@@ -27,6 +30,7 @@ COMMANDS = {
     "tokenize": ("rgemma.cli.tokenize", "turn a JSON-lines corpus into a token file for training"),
     "train": ("rgemma.cli.train", "train a Griffin from scratch on a token file (resumes a run)"),
     "merge": ("rgemma.cli.merge", "fold a LoRA adapter into its base model (Hugging Face layout)"),
+    "serve": ("rgemma.cli.serve", "an OpenAI-compatible HTTP server with continuous batching and a prefix state cache"),
     "bench": ("rgemma.cli.bench",
               "speed and memory of rgemma, transformers and the official code, side by side on the same weights"),
 }
@@ -50,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     # The top-level parser has no options that take a value, so the first word is the subcommand.
     command = next((word for word in argv if not word.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    # `kill` or a scheduler's stop is an interrupt like Ctrl-C: a command writing files stops as cleanly
+    # (no half-written staging directory, a training checkpoint saved).
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.run(args)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
@@ -58,11 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         # it at devnull, or that flush fails again (as the Python docs on SIGPIPE recommend).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, OSError) as error:
-        # Bad input: one line that names the problem, no traceback.
-        print(f"rgemma: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, SafetensorError) as error:
+        # Bad input, a full disk, a missing file: one line that names the problem, no traceback.
+        # (safetensors reports its I/O errors, ENOSPC included, as SafetensorError.)
+        print(f"rgemma: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("rgemma: error: out of memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("rgemma: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

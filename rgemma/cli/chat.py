@@ -13,8 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import sys
+
     from rgemma import chat
+    from rgemma.hub import model_files, resolve_model
 
     sampling = sampling_params(args)
-    session = chat.Chat(load_engine(args), sampling, args.max_tokens, system=args.system)
+    engine = load_engine(args)
+    protected = [*model_files(resolve_model(args.model)), engine.tokenizer.path]
+    session = chat.Chat(engine, sampling, args.max_tokens, system=args.system, protected=protected)
+    # Invalid UTF-8 on stdin becomes lone surrogates, which the tokenizer refuses for that one line,
+    # instead of a decoding error that would end the conversation.
+    sys.stdin.reconfigure(errors="surrogateescape")
     chat.run(session, report=print_stats)

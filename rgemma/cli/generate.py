@@ -19,17 +19,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--state", help="continue from a state file saved with --save-state")
     parser.add_argument("--save-state", help="save the state at the end (with --max-tokens 0: after the prompt)")
+    parser.add_argument("--force", action="store_true", help="let --save-state replace an existing file")
 
 
 def _prompt_text(args) -> str:
     if args.prompt_file:
+        if args.prompt is not None:
+            raise ValueError("give the prompt once: a PROMPT argument or --prompt-file, not both")
         try:
             return open(args.prompt_file, encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"{args.prompt_file}: cannot read the prompt: {error}") from error
     if args.prompt is None:
         raise ValueError("give a PROMPT, - to read it from stdin, or --prompt-file FILE")
-    return sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt != "-":
+        return args.prompt
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"stdin: the prompt is not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
 def _progress_bar(total: int, device):
@@ -48,12 +56,19 @@ def run(args: argparse.Namespace) -> None:
     from rgemma.context import Context
     from rgemma.engine import Request
     from rgemma.generate import Generation, prefill
+    from rgemma.hub import model_files, resolve_model
+    from rgemma.state import check_target
     from rgemma.tokenizer import chat_prompt
 
     text = _prompt_text(args)
     sampling = sampling_params(args)
     engine = load_engine(args)
     model, tokenizer = engine.model, engine.tokenizer
+    # The model's own files are never written over; an existing file only with --force. Checked before the
+    # work of generating, and again (by save_state) when writing.
+    protected = [*model_files(resolve_model(args.model)), tokenizer.path]
+    if args.save_state:
+        check_target(args.save_state, args.force, protected)
     context = Context.load(args.state, model) if args.state else None
     if args.chat:
         if context is not None:
@@ -64,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
     if args.max_tokens == 0:  # only read the prompt, e.g. to --save-state it
         context = prefill(model, [prompt], context, progress=_progress_bar(len(prompt), model.device))
         if args.save_state:
-            context.save(args.save_state, model)
+            context.save(args.save_state, model, overwrite=args.force, protected=protected)
         return
     request = Request(prompt, sampling, args.max_tokens, stop=args.stop or (), ignore_eos=args.ignore_eos,
                       keep_context=bool(args.save_state))
@@ -80,7 +95,7 @@ def run(args: argparse.Namespace) -> None:
             sys.stdout.write(event.text)
             sys.stdout.flush()
     if args.save_state:
-        generation.contexts[0].save(args.save_state, model)
+        generation.contexts[0].save(args.save_state, model, overwrite=args.force, protected=protected)
     stats = generation.stats
     if args.json:
         result = {
@@ -92,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
         }
         if args.logprobs:
             result["logprobs"] = logprobs
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))  # NaN is not JSON: an error rather than a broken document
     else:
         sys.stdout.write("\n")
     print_stats(stats)

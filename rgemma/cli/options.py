@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rgemma.cli.numbers import positive_int, seed
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -37,13 +39,18 @@ def add_adapter_option(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply")
 
 
-def add_generation_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """What load_engine reads: the model, an adapter, the dtype, quantization and threads."""
     parser.add_argument("--model", help="checkpoint directory or file, or a Hugging Face hub id "
                         "(default: the model embedded in rgemma)")
     add_adapter_option(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: the checkpoint's)")
     add_quantize_options(parser)
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
+
+
+def add_generation_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    add_model_options(parser)
     parser.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
@@ -53,11 +60,11 @@ def add_generation_options(parser: argparse.ArgumentParser, max_tokens: int) -> 
     sampling.add_argument("--repetition-penalty", type=float, default=1.0)
     sampling.add_argument("--presence-penalty", type=float, default=0.0)
     sampling.add_argument("--frequency-penalty", type=float, default=0.0)
-    sampling.add_argument("--seed", type=int, help="make sampling reproducible")
+    sampling.add_argument("--seed", type=seed, help="make sampling reproducible")
     sampling.add_argument("--logprobs", type=int, default=0, help="report the top-n log-probabilities (--json)")
 
 
-def load_engine(args):
+def load_engine(args, **engine_options):
     """An engine over the model and tokenizer of --model (a path, a hub id, or the embedded default)."""
     from rgemma.checkpoint import load_model
     from rgemma.engine import Engine
@@ -74,7 +81,9 @@ def load_engine(args):
         from rgemma.lora import load_adapter
 
         load_adapter(model, args.adapter)
-    return Engine(model, Tokenizer.find(path))
+    tokenizer = Tokenizer.find(path)
+    tokenizer.check_fits(model.config.vocab_size)
+    return Engine(model, tokenizer, **engine_options)
 
 
 def sampling_params(args):

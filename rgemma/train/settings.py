@@ -7,6 +7,7 @@ defaults without loading it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from rgemma.config import Config, griffin_pattern
@@ -15,6 +16,18 @@ from rgemma.config import Config, griffin_pattern
 # materialised. Enough rows for an efficient matmul, few enough that a
 # chunk's fp32 logits (chunk x V x 4 bytes) stay small beside the model.
 LOSS_CHUNK = 2048
+
+
+POSITIVE_COUNTS = ("steps", "batch_size", "seq_len", "loss_chunk", "eval_every", "eval_batches", "checkpoint_every",
+                   "log_every")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +56,26 @@ class TrainSettings:
     log_every: int = 10
     tokenizer: str | None = None  # copied into the exported models
     progress: bool = True
+
+    def __post_init__(self):
+        # A zero count divides by zero, a NaN clip exports a NaN model, no held-out batch records a loss
+        # of 0.0: refused here, naming the field, before anything is read or built.
+        for name, ok, requirement in (
+            *((name, _is_int(getattr(self, name)) and getattr(self, name) > 0, "a positive integer")
+              for name in POSITIVE_COUNTS),
+            ("warmup", _is_int(self.warmup) and self.warmup >= 0, "an integer >= 0"),
+            ("seed", _is_int(self.seed) and 0 <= self.seed < 2**64, "an integer in [0, 2**64 - 1]"),
+            ("lr", _finite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("min_lr_ratio", _finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("weight_decay", _finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("beta1", _finite(self.beta1) and 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", _finite(self.beta2) and 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("eps", _finite(self.eps) and self.eps > 0, "a finite number > 0"),
+            ("grad_clip", _finite(self.grad_clip) and self.grad_clip > 0, "a finite number > 0"),
+            ("dtype", self.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+        ):
+            if not ok:
+                raise ValueError(f"training setting {name} must be {requirement}, got {getattr(self, name)!r}")
 
     # Fields that only say how to watch a run; anything else changes its result.
     WATCH_FIELDS = ("run_dir", "eval_data", "eval_every", "eval_batches", "checkpoint_every", "log_every",

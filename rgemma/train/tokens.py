@@ -52,23 +52,35 @@ class TokenFile:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> TokenFile:
+        """Map a token file, checking its header, its size and that every token is within its vocabulary."""
         path = Path(path)
         try:
             with open(path, "rb") as file:
                 header = json.loads(file.read(HEADER_BYTES).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             header = {}
-        if header.get("format") != TOKEN_FORMAT:
+        except OSError as error:
+            raise ValueError(f"{path}: cannot read the token file: {error.strerror or error}") from None
+        if not isinstance(header, dict) or header.get("format") != TOKEN_FORMAT:
             raise ValueError(f"{path}: not a token file (make one with tokenize_corpus / `rgemma tokenize`)")
+        _check_header(path, header)
         size = path.stat().st_size
         needed = header["starts_offset"] + 8 * header["num_documents"]
-        if size < needed:
-            raise ValueError(f"{path}: truncated token file ({size} bytes, expected {needed})")
+        tokens_end = header["tokens_offset"] + np.dtype(header["dtype"]).itemsize * header["num_tokens"]
+        if size < needed or tokens_end > header["starts_offset"]:
+            raise ValueError(f"{path}: truncated or inconsistent token file ({size} bytes, expected {needed})")
         tokens = np.memmap(path, dtype=header["dtype"], mode="r", offset=header["tokens_offset"],
                            shape=(header["num_tokens"],))
-        starts = np.memmap(path, dtype=np.int64, mode="r", offset=header["starts_offset"],
-                           shape=(header["num_documents"],))
-        return cls(path, tokens, np.asarray(starts), header["vocab_size"], header["bos_id"], header["eos_id"])
+        starts = np.asarray(np.memmap(path, dtype=np.int64, mode="r", offset=header["starts_offset"],
+                                      shape=(header["num_documents"],)))
+        if starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= header["num_tokens"]:
+            raise ValueError(f"{path}: document starts are not increasing from 0 within the tokens")
+        # One pass over the tokens (a memory map: gigabytes a second); an id outside the vocabulary
+        # would otherwise fail deep in the embedding, or index the wrong row.
+        largest = int(tokens.max())
+        if largest >= header["vocab_size"]:
+            raise ValueError(f"{path}: holds token id {largest}, outside its vocabulary of {header['vocab_size']}")
+        return cls(path, tokens, starts, header["vocab_size"], header["bos_id"], header["eos_id"])
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -76,6 +88,22 @@ class TokenFile:
     def num_rows(self, length: int) -> int:
         """Rows of `length` inputs; each needs one more token for its last target."""
         return max(0, (len(self.tokens) - 1) // length)
+
+
+def _check_header(path: Path, header: dict) -> None:
+    """Every field present, of its type and in range; the message names the first that is not."""
+    for key in ("num_tokens", "num_documents", "vocab_size", "bos_id", "eos_id", "tokens_offset", "starts_offset"):
+        value = header.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{path}: header field {key} must be an integer >= 0, got {value!r}")
+    if header.get("dtype") not in ("uint16", "int32"):
+        raise ValueError(f"{path}: header field dtype must be uint16 or int32, got {header.get('dtype')!r}")
+    if header["num_tokens"] == 0 or header["num_documents"] == 0:
+        raise ValueError(f"{path}: holds no tokens")
+    if header["tokens_offset"] < HEADER_BYTES or header["starts_offset"] % 8:
+        raise ValueError(f"{path}: header offsets overlap the header or are misaligned")
+    if not header["vocab_size"] or max(header["bos_id"], header["eos_id"]) >= header["vocab_size"]:
+        raise ValueError(f"{path}: bos or eos id outside the vocabulary of {header['vocab_size']}")
 
 
 def write_token_file(out: str | os.PathLike, documents: Iterator[list[int]], vocab_size: int, bos_id: int,
@@ -124,8 +152,15 @@ def tokenize_corpus(jsonl: str | os.PathLike, tokenizer, out: str | os.PathLike)
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as error:
                     raise ValueError(f"{jsonl}:{number}: not a JSON object with a text field ({error})") from None
-                if text:
-                    yield tokenizer.encode(text, bos=True) + [tokenizer.eos_id]
+                if not isinstance(text, str):
+                    raise ValueError(f"{jsonl}:{number}: the text field is a {type(text).__name__}, not a string")
+                if not text:
+                    continue
+                try:
+                    tokens = tokenizer.encode(text, bos=True)
+                except ValueError as error:  # a lone surrogate ("\ud800" is valid JSON, not valid Unicode)
+                    raise ValueError(f"{jsonl}:{number}: {error}") from None
+                yield tokens + [tokenizer.eos_id]
 
     return write_token_file(out, documents(), tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
 
