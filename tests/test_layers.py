@@ -1,6 +1,6 @@
 """The package's import graph: arrows point down the layers, and no module imports itself back.
 
-cli -> chat -> generate, bench -> engine, train -> backends, checkpoint ->
+cli -> chat -> generate, bench, server -> engine, train -> backends, checkpoint ->
 quantize, context, lora -> model -> scan, state, tokenizer, sampling, corpus ->
 config, _io, hub, triton_scan.
 A lower layer never imports a higher one (the model never learns that a
@@ -21,7 +21,7 @@ LAYERS = [
     {"quantize", "context", "lora"},
     {"checkpoint", "backends"},
     {"engine", "train"},
-    {"generate", "bench"},
+    {"generate", "bench", "server"},
     {"chat"},
     {"cli"},
 ]
