@@ -698,9 +698,21 @@ def save_model(model: Griffin, out_dir: str | os.PathLike, max_shard_bytes: int 
     """
     out_dir = Path(out_dir)
     _refuse_existing(out_dir)
-    with atomic_directory(out_dir) as staging:
-        _write_hf(model, staging, max_shard_bytes)
+    _write_directory(model, out_dir, max_shard_bytes)
     return out_dir
+
+
+def _write_directory(model: Griffin, out_dir: Path, max_shard_bytes: int, copies: list[Path] = ()) -> None:
+    """The Hugging Face directory of `model`, with `copies` of other files, made atomically."""
+    if not max_shard_bytes > 0:
+        raise ValueError(f"the shard size must be positive, got {max_shard_bytes} bytes")
+    try:
+        with atomic_directory(out_dir) as staging:
+            _write_hf(model, staging, max_shard_bytes)
+            for file in copies:
+                shutil.copyfile(file, staging / file.name)
+    except SafetensorError as error:  # how safetensors reports a full disk (os error 28)
+        raise CheckpointError(f"{out_dir}: cannot write the checkpoint: {_first_line(error)}") from error
 
 
 def convert(
@@ -721,9 +733,6 @@ def convert(
     _refuse_existing(dst)  # before the work of loading
     model = load_model(src, dtype=dtype, **overrides)
     tokenizer_dir = src if (src / CONFIG_FILE).is_file() else src.parent
-    with atomic_directory(dst) as staging:
-        _write_hf(model, staging, max_shard_bytes)
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, staging / name)
+    copies = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    _write_directory(model, dst, max_shard_bytes, copies)
     return dst

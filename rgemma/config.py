@@ -62,7 +62,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_heads": _int_in(1, MAX_SIZE),
     "lru_width": _int_in(1, MAX_SIZE),
     "attention_window": _int_in(1, MAX_WINDOW),
-    "conv_width": _int_in(1, MAX_CONV_WIDTH),
+    "conv_width": _int_in(2, MAX_CONV_WIDTH),  # the conv's state holds conv_width - 1 >= 1 inputs
     "logits_soft_cap": (lambda value: _is_number(value) and value >= 0, "must be a finite number >= 0 (0: no cap)"),
     "embeddings_scale_by_sqrt_dim": (lambda value: isinstance(value, bool), "must be true or false"),
     # A negative base gives NaN frequencies, and eps 0 NaN norms of a zero input.

@@ -48,6 +48,9 @@ def prefill(
         if prompt:
             tokens[row, width - len(prompt) :] = torch.as_tensor(prompt)
             positions[row, width - len(prompt) :] = start[row] + torch.arange(len(prompt))
+    vocab = model.config.vocab_size
+    if tokens.min() < 0 or tokens.max() >= vocab:  # the embedding would fail with a bare IndexError
+        raise ValueError(f"a prompt holds token ids outside the model's vocabulary [0, {vocab})")
     logits, context.state = model.prefill(tokens.to(device), positions.to(device), context.state, chunk_size, progress)
     empty = [row for row, n in enumerate(lengths) if n == 0]
     if empty:

@@ -153,6 +153,7 @@ class State:
 # State files ---------------------------------------------------------------
 
 STATE_FORMAT = "rgemma-state-1"
+RING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Positions beyond this are refused: far past any sequence, and position + window never overflows int64.
 MAX_POSITION = 2**62
 
@@ -251,6 +252,8 @@ def _checked_state(path: Path, tensors: dict[str, torch.Tensor], model) -> State
     unexpected = sorted(name for name in tensors.keys() - expected_tensors.keys() if not name.startswith("extra."))
     if unexpected:
         raise StateFileError(f"{path}: unexpected tensors {unexpected[:3]}: not a state of this model")
+    rings = {f"layers.{i}.{field}" for i, layer in enumerate(expected.layers) if isinstance(layer, AttentionState)
+             for field in ("k", "v")}
     checked = {}
     for name, like in expected_tensors.items():
         tensor = tensors.get(name)
@@ -262,10 +265,7 @@ def _checked_state(path: Path, tensors: dict[str, torch.Tensor], model) -> State
             )
         # The attention rings are kept in the activations' dtype, which depends on the machine (a bf16 model
         # computes in float32 where the CPU has no fast bf16): any float dtype is taken and converted.
-        if like.dtype.is_floating_point and like.dtype != torch.float32:
-            allowed = (torch.float32, torch.bfloat16, torch.float16)
-        else:
-            allowed = (like.dtype,)
+        allowed = RING_DTYPES if name in rings else (like.dtype,)
         if tensor.dtype not in allowed:
             raise StateFileError(
                 f"{path}: tensor {name} has dtype {tensor.dtype}, the model's state needs {like.dtype}"

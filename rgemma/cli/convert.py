@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rgemma.cli.numbers import positive_float
 from rgemma.cli.options import DTYPES, torch_dtype
 
 
@@ -12,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src")
     parser.add_argument("dst", help="output directory (must not exist)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="convert the weights to this dtype")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
+    parser.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="shard size limit in GiB")
 
 
 def run(args: argparse.Namespace) -> None:

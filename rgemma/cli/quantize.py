@@ -6,6 +6,7 @@ import argparse
 import functools
 import sys
 
+from rgemma.cli.numbers import positive_float
 from rgemma.cli.options import DTYPES, torch_dtype
 
 
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inputs per int4 group, a multiple of 64 (default 64)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the parts kept in float "
                         "(default: the checkpoint's)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
+    parser.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="shard size limit in GiB")
 
 
 def run(args: argparse.Namespace) -> None:

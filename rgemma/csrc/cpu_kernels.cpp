@@ -839,8 +839,9 @@ void attention_rows_typed(const float* q_in, const float* k_in, const float* v_i
   for (int64_t m = 0; m < M; ++m) {
     new_visible[m] = true;
     for (int64_t j = 0; j < W; ++j) {
-      const int64_t distance = position[m] - ring[m * W + j];
-      visible[m * W + j] = position[m] != 0 && ring[m * W + j] >= 0 && distance >= 0 && distance <= W;
+      // In this order, so that no difference of a hostile slot position overflows.
+      const int64_t stored = ring[m * W + j];
+      visible[m * W + j] = position[m] != 0 && stored >= 0 && stored <= position[m] && position[m] - stored <= W;
     }
   }
   T *keys = ring_k.data_ptr<T>(), *values = ring_v.data_ptr<T>();
@@ -1036,7 +1037,6 @@ void conv_rows(const float* x, int64_t M, int64_t L, float* taps, int64_t C, con
         if (position[m] >= C - j) sum += weight[l * (C + 1) + j] * row_taps[j * L + l];
       out[m * L + l] = sum;
     }
-    if (C == 0) continue;  // conv_width 1: no taps to shift
     std::copy(row_taps + L, row_taps + C * L, row_taps);
     std::copy(x + m * L, x + (m + 1) * L, row_taps + (C - 1) * L);
   }
@@ -1049,6 +1049,7 @@ torch::Tensor conv_step(const torch::Tensor& x, torch::Tensor& taps, const torch
   TORCH_CHECK(taps.dim() == 3 && taps.scalar_type() == torch::kFloat32 && taps.is_contiguous() && taps.size(0) == M &&
                   taps.size(2) == L,
               "conv_step: taps must be a contiguous float32 (M, C, L) tensor");
+  TORCH_CHECK_VALUE(C >= 1, "conv_step: at least one tap (conv width 2)");
   TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() &&
                   weight.sizes() == torch::IntArrayRef({L, C + 1}),
               "conv_step: weight must be a contiguous float32 (L, C + 1) tensor");
@@ -1227,6 +1228,7 @@ class Decoder {
         (i < temporal ? block.linear : block.mlp).push_back(linear_of(linears[i]));
       if (recurrent) {
         const torch::Tensor conv = float_copy(small[2]);  // (L, 1, C + 1)
+        TORCH_CHECK_VALUE(conv.dim() == 3 && conv.size(2) >= 2, "Decoder: a conv of width at least 2");
         block.conv_weight = conv.view({conv.size(0), conv.size(2)});
         block.conv_bias = float_copy(small[3]);
         block.rglru = rglru_weights(small[4], small[5], small[6], small[7], small[8]);
