@@ -4,8 +4,10 @@ One engine serves every front end (`rgemma generate`, `chat`, `bench`, the
 server); it knows nothing of HTTP. `add(request)` queues a request and
 returns its id, `cancel(id)` drops it at once, and each `step()` does one
 tick of work and returns the events it produced:
-- one chunk of the prompt of the oldest request still reading its prompt.
-  A request is prefilled alone, in chunks whose ends fall on multiples of
+- prompt chunks of the requests still reading their prompts, oldest
+  first, about one chunk's worth of tokens in all (many short prompts
+  join in one tick; a long one takes a chunk per tick, so running
+  requests keep getting tokens). A request is prefilled alone, in chunks whose ends fall on multiples of
   the chunk size in its absolute positions, so the products it runs never
   depend on what else is queued or running; its first token is sampled
   when the prompt is read. A request may name more chunk ends (`breaks`,
@@ -239,10 +241,14 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[Event]:
-        """One decode step of the running requests, then one prefill chunk; the events of both."""
+        """One decode step of the running requests, then prefill chunks; the events of both."""
         events = self._decode() if self._running else []
-        if self._waiting and len(self._running) < self.max_batch:
-            events += self._prefill_chunk(self._waiting[0])
+        budget = self.chunk_size  # prompt tokens per tick; the last chunk may pass it (chunks stay aligned)
+        while self._waiting and len(self._running) < self.max_batch and budget > 0:
+            sequence = self._waiting[0]
+            unread = len(sequence.unread)
+            events += self._prefill_chunk(sequence)
+            budget -= max(1, unread - len(sequence.unread))
         return events
 
     def _prefill_chunk(self, sequence: _Sequence) -> list[Event]:

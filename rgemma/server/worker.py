@@ -7,8 +7,9 @@ it answers each job through `Job.send`, which the HTTP layer points at an
 asyncio queue. Native calls release the GIL, so the event loop keeps
 serving while a step runs.
 
-A job is handed to the engine only once the engine has read every earlier
-prompt, so it finds in the prefix cache the snapshots of all of them. A job
+Jobs are handed to the engine once it has read every earlier prompt, so a
+job finds in the prefix cache the snapshots of all of them (jobs that
+arrive together do not see each other's). A job
 of n choices reads its prompt once, then forks: choice i continues a copy of
 the state after the prompt.
 
@@ -172,12 +173,18 @@ class Worker:
             self._dequeued += 1
 
     def _admit(self) -> None:
-        while self._pending and not self.engine.waiting:
+        """Give the engine the pending jobs once it has read every earlier prompt; after a read-ahead, wait
+        until it is read too, for the next turn of its conversation to find it."""
+        if self.engine.waiting:
+            return
+        while self._pending:
             job = self._pending.popleft()
             try:
                 self._start(job)
             except ValueError as error:  # a prompt the engine refuses
                 self._fail(job, str(error))
+            if not job.sampling:
+                return
 
     def _start(self, job: Job) -> None:
         """Look up the longest cached prefix, then read the rest (and fork the choices from it)."""
