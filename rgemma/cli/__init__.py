@@ -31,6 +31,8 @@ COMMANDS = {
     "train": ("rgemma.cli.train", "train a Griffin from scratch on a token file (resumes a run)"),
     "merge": ("rgemma.cli.merge", "fold a LoRA adapter into its base model (Hugging Face layout)"),
     "serve": ("rgemma.cli.serve", "an OpenAI-compatible HTTP server with continuous batching and a prefix state cache"),
+    "bench-serve": ("rgemma.cli.bench_serve",
+                    "load the server with 1 to 64 concurrent streaming clients: requests/s, tokens/s, latencies"),
     "bench": ("rgemma.cli.bench",
               "speed and memory of rgemma, transformers and the official code, side by side on the same weights"),
 }
