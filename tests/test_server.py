@@ -415,3 +415,48 @@ def test_rgemma_serve_warms_up_then_answers(tmp_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def resident_bytes() -> int:
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["VmRSS"].split()[0]) * 1024
+
+
+@pytest.mark.slow
+def test_a_thousand_requests_leave_memory_flat(default):
+    """Chats, completions, streams and abandoned streams; the cache fills and evicts; RSS stays where it was."""
+    with serving(default, cache_bytes=4 << 20) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def request(i: int) -> None:
+            if i % 4 == 0:
+                client.chat.completions.create(model=NAME, messages=messages_of(f"Question {i}?"), max_tokens=8)
+            elif i % 4 == 1:
+                client.completions.create(model=NAME, prompt=f"Line {i} of the", max_tokens=8, n=2, seed=i)
+            elif i % 4 == 2:
+                stream = client.completions.create(model=NAME, prompt=f"Story {i}", max_tokens=64, stream=True,
+                                                   extra_body={"ignore_eos": True})
+                next(iter(stream))
+                stream.close()  # abandoned after the first token
+            else:
+                list(client.completions.create(model=NAME, prompt=f"Item {i}", max_tokens=8, stream=True))
+
+        def run(indices) -> None:
+            threads = [threading.Thread(target=lambda part=part: [request(i) for i in part])
+                       for part in (indices[k::8] for k in range(8))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+        run(list(range(200)))
+        before = resident_bytes()
+        run(list(range(200, 1000)))
+        deadline = time.monotonic() + 10
+        while metric(url, "rgemma_running_requests") or metric(url, "rgemma_queued_requests"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        grown = resident_bytes() - before
+        assert grown < 32 << 20, f"resident memory grew by {grown / 2**20:.1f} MiB over 800 requests"
+        assert metric(url, "rgemma_prefix_cache_bytes") <= 4 << 20
+        assert app.state.worker.engine.capacity <= 32

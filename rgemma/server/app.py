@@ -25,7 +25,7 @@ import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
@@ -33,13 +33,23 @@ from rgemma.engine import Engine, Event
 from rgemma.sampling import SamplingParams
 from rgemma.server.metrics import Metrics
 from rgemma.server.prefix_cache import PrefixCache
-from rgemma.server.schema import ChatRequest, CompletionRequest, Sampling
+from rgemma.server.schema import ChatRequest, CompletionRequest, ErrorBody, Sampling
 from rgemma.server.worker import Done, Failed, Job, Started, Token, Worker
 from rgemma.tokenizer import chat_turns
 
 DISCONNECT_POLL_SECONDS = 0.5
 MIN_LOGPROB = -9999.0  # JSON has no -inf
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+# What the published OpenAPI schema says each endpoint may answer.
+ERRORS = {status: {"model": ErrorBody, "description": description} for status, description in [
+    (400, "a body, field or value the server does not accept (the message names it)"),
+    (401, "a missing or wrong API key"),
+    (404, "a model that is not served here"),
+    (413, "a body larger than the server reads"),
+    (503, "the model is warming up or the queue is full (see Retry-After)"),
+]}
+COMPLETION = {200: {"description": "the completion, or with stream: true server-sent events ending in [DONE]",
+                    "content": {"application/json": {}, "text/event-stream": {}}}} | ERRORS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,21 +168,35 @@ def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
             raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/health")
+    def openapi() -> dict:
+        """FastAPI's schema, less the 422 answers it documents for validation: this server answers 400."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    @app.get("/health", responses={503: {"description": "the model is warming up"}})
     async def health():
         ready = worker.ready.is_set()
         return JSONResponse({"status": "ready" if ready else "warming up"}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus metrics in its text format"}})
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(authorize)], responses={401: ERRORS[401]})
     async def models():
         return {"object": "list",
                 "data": [{"id": settings.model_name, "object": "model", "created": created, "owned_by": "rgemma"}]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], responses=COMPLETION)
     async def chat_completions(body: ChatRequest, request: Request):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
         try:
@@ -193,7 +217,7 @@ def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
         reply = ChatReply(body, tokenizer, engine.end_tokens, logprobs=body.logprobs)
         return await respond(request, body, job, reply)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions", dependencies=[Depends(authorize)], responses=COMPLETION)
     async def completions(body: CompletionRequest, request: Request):
         prompt = tokenizer.encode(body.prompt, bos=True) if isinstance(body.prompt, str) else list(body.prompt)
         job = make_job(body, prompt, "prompt", body.max_tokens or 16, body.logprobs or 0)

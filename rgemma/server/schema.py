@@ -83,3 +83,16 @@ class CompletionRequest(Sampling):
                 raise ValueError(f"token id {value[negative]} at index {negative} is negative")
             return value
         raise ValueError("give a non-empty string or a non-empty list of token ids")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """What every error answers, as OpenAI's API does."""
+
+    error: ErrorDetail
