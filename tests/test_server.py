@@ -460,3 +460,39 @@ def test_a_thousand_requests_leave_memory_flat(default):
         assert grown < 32 << 20, f"resident memory grew by {grown / 2**20:.1f} MiB over 800 requests"
         assert metric(url, "rgemma_prefix_cache_bytes") <= 4 << 20
         assert app.state.worker.engine.capacity <= 32
+
+
+def test_a_failure_inside_the_engine_fails_its_requests_and_the_server_serves_on(default):
+    with serving(default) as (url, app):
+        worker = app.state.worker
+        step = type(worker.engine).step
+
+        def broken(engine):
+            type(engine).step = step  # once
+            raise RuntimeError("injected")
+
+        type(worker.engine).step = broken
+        try:
+            failed = post(url, {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        finally:
+            type(worker.engine).step = step
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+        ok = post(url, {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_client_that_leaves_before_its_whole_answer_frees_its_slot(server):
+    url, _ = server
+    body = json.dumps({"model": NAME, "prompt": "Long", "max_tokens": 4000, "ignore_eos": True}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while metric(url, "rgemma_running_requests") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while metric(url, "rgemma_running_requests") != 0:
+        assert time.monotonic() < deadline, "the request of a client that left still runs"
+        time.sleep(0.05)

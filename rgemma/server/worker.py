@@ -93,6 +93,7 @@ class Worker:
         self._pending: deque[Job] = deque()  # submitted, not yet given to the engine
         self._owners: dict[int, tuple[Job, int]] = {}  # engine request id -> (job, choice)
         self._forks: list[tuple[Job, Context]] = []  # jobs whose prompt is read, with the context after it
+        self._in_flight: set[Job] = set()  # clients' jobs given to the engine, not done
         self._submitted = 0  # written by the submitting thread only
         self._dequeued = 0  # written by the worker thread only
         self._thread = threading.Thread(target=self._run, name="rgemma-engine", daemon=True)
@@ -140,9 +141,13 @@ class Worker:
                     self._apply(*command)
             except queue.Empty:
                 pass
-            self._admit()
-            if self.engine.has_work:
-                self._step()
+            try:
+                self._admit()
+                if self.engine.has_work:
+                    self._step()
+            except Exception:  # a bug, not bad input (the HTTP layer checks that): say so, serve on
+                traceback.print_exc(file=sys.stderr)
+                self._drop_everything("internal error while generating; the request was dropped")
             self._measure()
 
     def _warm_up(self) -> None:
@@ -164,6 +169,7 @@ class Worker:
             self.engine.cancel(request_id)
             self._owners.pop(request_id, None)
         job.engine_ids.clear()
+        self._in_flight.discard(job)
         self._forks = [(j, c) for j, c in self._forks if j is not job]
         self._dequeue(job)
 
@@ -179,10 +185,7 @@ class Worker:
             return
         while self._pending:
             job = self._pending.popleft()
-            try:
-                self._start(job)
-            except ValueError as error:  # a prompt the engine refuses
-                self._fail(job, str(error))
+            self._start(job)
             if not job.sampling:
                 return
 
@@ -195,6 +198,7 @@ class Worker:
         context = None if snapshot is None else Context(snapshot.state, snapshot.logits, [job.prompt[:cached]])
         rest = job.prompt[cached:]
         if job.sampling:  # a client's job, not a read-ahead
+            self._in_flight.add(job)
             metrics = self.metrics
             (metrics.cache_hits if cached else metrics.cache_misses).inc()
             metrics.cache_hit_tokens.inc(cached)
@@ -249,15 +253,20 @@ class Worker:
     def _request(job: Job, choice: int, prompt: list[int], breaks: list[int]) -> Request:
         return Request(prompt, job.sampling[choice], job.max_tokens, job.stop, ignore_eos=job.ignore_eos, breaks=breaks)
 
+    def _drop_everything(self, message: str) -> None:
+        """After a failure inside the engine: a fresh engine over the same model; the jobs in it fail."""
+        old = self.engine
+        self.engine = Engine(old.model, old.tokenizer, backend=old.backend, max_batch=old.max_batch,
+                             chunk_size=old.chunk_size)
+        self._owners.clear()
+        self._forks.clear()
+        for job in self._in_flight:
+            self._dequeue(job)
+            job.send(Failed(message))
+        self._in_flight.clear()
+
     def _step(self) -> None:
-        try:
-            events = self.engine.step()
-        except Exception:  # a bug, not bad input: say so, drop everything in flight, serve on
-            traceback.print_exc(file=sys.stderr)
-            for job in {job for job, _ in self._owners.values()} | {job for job, _ in self._forks}:
-                self._apply("cancel", job)
-                job.send(Failed("internal error while generating; the request was dropped"))
-            return
+        events = self.engine.step()
         self.engine.timings.clear()  # the worker keeps its own clock
         forks, self._forks = self._forks, []
         for job, context in forks:
@@ -288,11 +297,8 @@ class Worker:
             ids, breaks = job.follow_up("".join(job.reply))
             self._pending.appendleft(Job(ids, [], max_tokens=0, breaks=breaks, queued=False))
         if not job.unfinished:
+            self._in_flight.discard(job)
             job.send(Done())
-
-    def _fail(self, job: Job, message: str) -> None:
-        self._dequeue(job)
-        job.send(Failed(message))
 
     def _measure(self) -> None:
         metrics = self.metrics
