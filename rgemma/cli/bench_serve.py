@@ -54,10 +54,10 @@ def run(args) -> None:
         raise ValueError("give at most one of --model, --preset and --url")
     with serving(args) as (url, name, vocab_size, describe):
         print(f"server: {describe}", file=sys.stderr)
-        asyncio.run(load(url, name, vocab_size, 1, 1, args))  # warm the path end to end
+        asyncio.run(load(url, name, vocab_size, 1, 1, args, seed=-1))  # warm the path end to end
         rows = []
         for count in clients:
-            rows.append(asyncio.run(load(url, name, vocab_size, count, args.requests_per_client, args)))
+            rows.append(asyncio.run(load(url, name, vocab_size, count, args.requests_per_client, args, seed=count)))
             print_row(rows[-1], rows[0])
     if args.json:
         Path(args.json).write_text(json.dumps({"server": describe, "rows": rows}, indent=2))
@@ -130,10 +130,11 @@ def padded_tokenizer(source: Path, vocab_size: int, directory: Path) -> Path:
     return path
 
 
-async def load(url: str, name: str, vocab_size: int, clients: int, requests: int, args) -> dict:
+async def load(url: str, name: str, vocab_size: int, clients: int, requests: int, args, seed: int) -> dict:
+    """`clients` streams at once, each sending `requests` requests in turn; prompts differ across seeds."""
     import httpx
 
-    rng = random.Random(clients)
+    rng = random.Random(seed)
     results = []
 
     async def client(http: httpx.AsyncClient):
