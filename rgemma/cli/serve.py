@@ -84,5 +84,9 @@ def run(args) -> None:
         print(f"rgemma: serving {name!r} at http://{args.host}:{args.port}/v1 "
               f"({engine.backend.describe()['decode']} decode), ready", file=sys.stderr, flush=True)
 
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"rgemma: warning: listening on {args.host} with no API key: anyone who can reach this port can "
+              "use the model (--api-key or RGEMMA_API_KEY)", file=sys.stderr)
     threading.Thread(target=say_when_ready, daemon=True).start()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # On Ctrl-C or SIGTERM, streams still running get a few seconds to end, then are cut.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
