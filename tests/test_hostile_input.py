@@ -40,7 +40,8 @@ from rgemma.state import StateFileError, load_state
 from rgemma.tokenizer import Tokenizer, TokenizerError
 
 native = pytest.mark.skipif(kernels() is None, reason="the native CPU kernels cannot be built here")
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+# RGEMMA_FUZZ_EXAMPLES=2000 for a longer search (under AddressSanitizer, say); the default suite's is fixed.
+FUZZ = settings(max_examples=int(os.environ.get("RGEMMA_FUZZ_EXAMPLES", 60)), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -522,8 +523,13 @@ def state_edits(draw, names):
         if name not in tensors or tensors[name].numel() == 0:
             return
         tensor = tensors[name].clone()
-        flat = tensor.view(-1)
-        flat[index % flat.numel()] = real if tensor.dtype.is_floating_point else integer
+        if tensor.dtype.is_floating_point:
+            value = real
+        elif tensor.dtype == torch.bool:
+            value = bool(integer % 2)
+        else:  # within the dtype's range, after a dtype edit
+            value = min(max(integer, torch.iinfo(tensor.dtype).min), torch.iinfo(tensor.dtype).max)
+        tensor.view(-1)[index % tensor.numel()] = value
         tensors[name] = tensor
     return edit
 

@@ -6,11 +6,14 @@ path, which computes the same function: the tests compare the two.
 RGEMMA_SANITIZE=address builds them with AddressSanitizer (into a cache
 directory of their own), to check that no input makes them read or write out
 of bounds. Python itself is not built with it, so the ASan runtime must be
-loaded first:
+loaded first, with libstdc++ beside it (else ASan cannot intercept the C++
+exceptions by which the kernels refuse bad input, and aborts):
 
-    RGEMMA_SANITIZE=address ASAN_OPTIONS=detect_leaks=0 \
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) python -m pytest -n 0 -p no:cacheprovider \
-        tests/test_hostile_input.py -k fuzz
+    RGEMMA_SANITIZE=address ASAN_OPTIONS=detect_leaks=0 RGEMMA_FUZZ_EXAMPLES=2000 \
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
+        python -m pytest -n 0 -s -p no:cacheprovider tests/test_hostile_input.py tests/test_decode.py
+
+(-s: pytest's capture would swallow ASan's report when it aborts the process.)
 """
 
 from __future__ import annotations
