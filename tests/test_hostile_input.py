@@ -455,6 +455,15 @@ def test_tokenize_names_the_line_of_a_bad_document(tmp_path, capsys, line, messa
     assert not out.exists()
 
 
+def test_tokenize_names_a_corpus_that_is_not_utf8(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"text": "caf\xe9"}\n')
+    assert cli.main(["tokenize", str(corpus), str(tmp_path / "t.bin"), "--tokenizer",
+                     str(DEFAULT_MODEL / "tokenizer.model")]) == 1
+    err = capsys.readouterr().err
+    assert f"{corpus}: not UTF-8 text" in err and err.count("\n") == 1
+
+
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
     from rgemma.train import write_token_file
@@ -605,3 +614,29 @@ def test_fuzzed_config_files_give_clear_errors_or_a_working_model(tiny_dir, tmp_
         assert 0 <= int(decode_step(model, context)[0]) < model.config.vocab_size
     except ValueError as error:  # a config that loads (a soft cap of 1e300, say) may still give non-finite logits
         assert "NaN or infinite logits" in str(error)
+
+
+def test_train_refuses_held_out_data_without_a_row_and_a_bad_config(token_file, tmp_path, capsys):
+    base = ["train", str(token_file), "--run-dir", str(tmp_path / "run"), "--width", "16", "--heads", "1",
+            "--seq-len", "4"]
+    assert cli.main([*base, "--eval-data", str(token_file), "--seq-len", "8"]) == 1
+    assert "fewer than 9 tokens, not one row of --seq-len 8" in capsys.readouterr().err
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**rgemma.Config.preset("tiny").to_hf_dict(), "rope_theta": -1}))
+    assert cli.main([*base, "--config", str(config)]) == 1
+    assert f"{config}: config.json rope_theta must be a finite number > 0" in capsys.readouterr().err
+    config.write_text("[1, 2]")
+    assert cli.main([*base, "--config", str(config)]) == 1
+    assert "expected a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_giving_nan_logits_stops_generation_and_json_never_holds_nan(model_dir, tmp_path, capsys):
+    model = load_model(model_dir)
+    with torch.no_grad():
+        model.final_norm.weight[0] = math.nan
+    broken = rgemma.save_model(model, tmp_path / "broken")
+    shutil.copyfile(model_dir / "tokenizer.model", broken / "tokenizer.model")
+    assert cli.main(["generate", "--model", str(broken), "--json", "Hi", "--max-tokens", "3"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "NaN or infinite logits" in err and err.count("\n") == 1

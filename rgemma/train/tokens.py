@@ -162,7 +162,10 @@ def tokenize_corpus(jsonl: str | os.PathLike, tokenizer, out: str | os.PathLike)
                     raise ValueError(f"{jsonl}:{number}: {error}") from None
                 yield tokens + [tokenizer.eos_id]
 
-    return write_token_file(out, documents(), tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
+    try:
+        return write_token_file(out, documents(), tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
+    except UnicodeDecodeError as error:  # decoded a buffer at a time: the byte offset is what is known
+        raise ValueError(f"{jsonl}: not UTF-8 text ({error.reason} near byte {error.start})") from None
 
 
 # Packing --------------------------------------------------------------------
