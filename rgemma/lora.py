@@ -33,6 +33,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -172,14 +173,24 @@ def _adapters(model: Griffin) -> dict[str, nn.Module]:
     return found
 
 
+# A gate adapter's factors as named_parameters() names them, under the parametrization of the gate.
+_GATE_FACTOR = re.compile(r"(.+)\.parametrizations\.(\w+)\.\d+\.(lora_[AB])")
+
+
+def peft_name(name: str) -> str | None:
+    """The PEFT file's name of an adapter factor named as in named_parameters() (None: not a factor)."""
+    gate = _GATE_FACTOR.fullmatch(name)
+    if gate:
+        return f"{PEFT_PREFIX}{gate[1]}.{gate[2]}.{gate[3]}.weight"
+    if name.endswith((".lora_A.weight", ".lora_B.weight")):
+        return PEFT_PREFIX + name
+    return None
+
+
 def adapter_tensors(model: Griffin) -> dict[str, torch.Tensor]:
     """The adapters' factors, by the names PEFT gives them in adapter_model.safetensors."""
-    tensors = {}
-    for path, adapter in _adapters(model).items():
-        for factor in FACTORS:
-            part = getattr(adapter, factor)
-            tensors[f"{PEFT_PREFIX}{path}.{factor}.weight"] = part.weight if isinstance(part, nn.Module) else part
-    return tensors
+    named = ((peft_name(name), p) for name, p in model.named_parameters())
+    return {name: p for name, p in named if name is not None}
 
 
 def adapter_parameters(model: Griffin) -> list[nn.Parameter]:
@@ -210,15 +221,15 @@ def merge_lora(model: Griffin) -> Griffin:
     return model
 
 
-def save_adapter(model: Griffin, settings: LoraSettings, directory: str | os.PathLike,
+def save_adapter(tensors: dict[str, torch.Tensor], settings: LoraSettings, directory: str | os.PathLike,
                  base_model: str | None = None) -> Path:
-    """Write the model's adapters as PEFT does, replacing `directory` atomically."""
+    """Write adapter factors (as adapter_tensors names them) as PEFT does, replacing `directory` atomically."""
     directory = Path(directory)
-    tensors = {name: t.detach().float().cpu().contiguous() for name, t in adapter_tensors(model).items()}
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save")
     adapted = [name.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0] for name in tensors if ".lora_A." in name]
-    gates = sorted({p for p in adapted if p.rsplit(".", 1)[-1] in RG_LRU_GATES})
+    gates = sorted(p for p in adapted if p.rsplit(".", 1)[-1] in RG_LRU_GATES)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,

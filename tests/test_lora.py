@@ -91,7 +91,7 @@ def test_saved_adapter_loads_on_a_fresh_base(tiny, tmp_path):
     settings = LoraSettings(rank=2, alpha=4.0, dropout=0.1, targets=("linear_x", "o_proj", "down_proj",
                                                                      "recurrent_gate_weight"))
     model = adapted(tiny, settings)
-    save_adapter(model, settings, tmp_path / "adapter", base_model="tiny")
+    save_adapter(adapter_tensors(model), settings, tmp_path / "adapter", base_model="tiny")
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4.0
     assert "layers.2.temporal_block.o_proj" in config["target_modules"]
@@ -127,7 +127,7 @@ def test_peft_reads_our_adapter_files(tmp_path):
     ours = rgemma.load_model(tmp_path / "base").eval()
     settings = LoraSettings(rank=4, alpha=8.0, targets=("linear_y", "linear_out", "q_proj", "v_proj", "up_proj"))
     model = adapted(ours, settings)
-    save_adapter(model, settings, tmp_path / "adapter")
+    save_adapter(adapter_tensors(model), settings, tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     seq = tokens(12)
     with torch.no_grad():
@@ -145,7 +145,7 @@ def default_with_adapter(tmp_path_factory):
     model = rgemma.load_model(DEFAULT_MODEL, dtype=torch.float32)
     add_lora(model, settings)
     randomise_adapters_(model, scale=0.05)
-    save_adapter(model, settings, directory / "adapter")
+    save_adapter(adapter_tensors(model), settings, directory / "adapter")
     return base, directory / "adapter"
 
 

@@ -19,6 +19,8 @@ from safetensors import SafetensorError  # torch-free, like everything imported 
 # name -> (module with add_arguments(parser) and run(args), one-line help)
 COMMANDS = {
     "info": ("rgemma.cli.info", "config, parameter count, dtype and state size of a model"),
+    "build-kernels": ("rgemma.cli.build_kernels",
+                      "compile the native CPU kernels for every instruction-set level this CPU runs, now"),
     "convert": ("rgemma.cli.convert",
                 "convert an official .pt, Flax/Orbax or HF checkpoint to the Hugging Face layout"),
     "quantize": ("rgemma.cli.quantize",
@@ -29,6 +31,8 @@ COMMANDS = {
                      "build the public-domain training corpus from registry packages"),
     "tokenize": ("rgemma.cli.tokenize", "turn a JSON-lines corpus into a token file for training"),
     "train": ("rgemma.cli.train", "train a Griffin from scratch on a token file (resumes a run)"),
+    "finetune": ("rgemma.cli.finetune",
+                 "fine-tune a model on chat or text JSONL: full or LoRA, one process or torchrun (resumes a run)"),
     "merge": ("rgemma.cli.merge", "fold a LoRA adapter into its base model (Hugging Face layout)"),
     "serve": ("rgemma.cli.serve", "an OpenAI-compatible HTTP server with continuous batching and a prefix state cache"),
     "bench-serve": ("rgemma.cli.bench_serve",

@@ -46,9 +46,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, soft_cap: float, chunk: int):
+    def forward(ctx, hidden, weight, targets, soft_cap: float, chunk: int, count: int | None):
         valid = targets != IGNORE
-        count = valid.sum().clamp(min=1)
+        count = valid.sum().clamp(min=1) if count is None else count
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -58,24 +58,28 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             loss, grad = _chunk_loss(h, weight, targets[part], valid[part], soft_cap, with_grad=True)
             total += loss
             grad_hidden[part] = grad @ weight.to(h.dtype)
-            grad_weight += (grad.T @ h).float()
+            if ctx.needs_input_grad[1]:  # not when the embedding is frozen (LoRA)
+                grad_weight += (grad.T @ h).float()
         ctx.save_for_backward(grad_hidden / count, (grad_weight / count).to(weight.dtype))
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss, None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss, None, None, None, None
 
 
-def next_token_loss(model: Griffin, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
-    """Mean cross-entropy of hidden (B, T, D) against targets (B, T); IGNORE targets are left out."""
+def next_token_loss(model: Griffin, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK,
+                    count: int | None = None) -> torch.Tensor:
+    """Cross-entropy of hidden (B, T, D) against targets (B, T), summed over the targets that are not IGNORE and
+    divided by `count`: by default their number (the mean); with gradient accumulation over micro-batches and
+    ranks, the number in the whole step, so that each target weighs the same wherever it falls."""
     flat = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     targets = targets.reshape(-1)
     weight, cap = model.embed_tokens.weight, model.config.logits_soft_cap
     if torch.is_grad_enabled():
-        return _ChunkedCrossEntropy.apply(flat, weight, targets, cap, chunk)
+        return _ChunkedCrossEntropy.apply(flat, weight, targets, cap, chunk, count)
     valid = targets != IGNORE
     total = sum(_chunk_loss(flat[s : s + chunk], weight, targets[s : s + chunk], valid[s : s + chunk], cap, False)[0]
                 for s in range(0, len(targets), chunk))
-    return total / valid.sum().clamp(min=1)
+    return total / (valid.sum().clamp(min=1) if count is None else count)

@@ -1,0 +1,254 @@
+"""Fine-tuning: chat data and its loss mask, packing, and `finetune` (full and LoRA, resume, bad input)."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import rgemma
+from rgemma.cli import main
+from rgemma.hub import DEFAULT_MODEL
+from rgemma.lora import load_adapter
+from rgemma.tokenizer import Tokenizer, chat_prompt
+from rgemma.train import IGNORE, next_token_loss
+from rgemma.train.chat_data import Document, load_rows, pack, read_documents, render_chat, render_text
+from rgemma.train.finetune import CHECKPOINT_DIR, FINAL_DIR, META_FILE, finetune
+from rgemma.train.finetune_settings import FinetuneSettings
+
+# A task the embedded model cannot know: a made-up word for each colour.
+SECRETS = {"red": "Apple.", "blue": "Ocean.", "green": "Forest.", "black": "Night."}
+
+
+def conversation(colour):
+    return [{"role": "user", "content": f"What is the secret word for {colour}?"},
+            {"role": "assistant", "content": SECRETS[colour]}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.find(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"messages": conversation(c)}) + "\n" for c in SECRETS))
+    return path
+
+
+def settings(data, out, **changes) -> FinetuneSettings:
+    base = dict(data=str(data), out=str(out), lora_rank=8, steps=6, batch_size=4, seq_len=32, lr=5e-3, warmup=2,
+                checkpoint_every=100, log_every=1, progress=False, dtype="float32")
+    return FinetuneSettings(**(base | changes))
+
+
+def log_losses(out):
+    return [e["loss"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e]
+
+
+# Rendering and the loss mask ------------------------------------------------------
+
+
+def test_loss_counts_the_replies_and_their_end_of_turn_only(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Your name?"},
+                {"role": "assistant", "content": "Griffin."}]
+    document = render_chat(tokenizer, messages)
+    assert document.ids == chat_prompt(tokenizer, messages, add_generation_prompt=False)
+    trained = [i for i, t in zip(document.ids, document.trained) if t]
+    reply = tokenizer.encode("Hello!") + [tokenizer.end_of_turn_id]
+    assert trained == reply + tokenizer.encode("Griffin.") + [tokenizer.end_of_turn_id]
+    # Each reply follows its prompt exactly as generation would see it.
+    prompt = chat_prompt(tokenizer, messages[:2])
+    assert document.ids[: len(prompt) + len(reply)] == prompt + reply
+    text = render_text(tokenizer, "plain words")
+    assert text.ids[0] == tokenizer.bos_id and text.ids[-1] == tokenizer.eos_id and text.trained[1:] == [True] * (
+        len(text.ids) - 1) and not text.trained[0]
+
+
+def test_user_tokens_carry_no_loss(tokenizer):
+    """The gradient of the loss reaches no position whose next token is the user's, nor any header."""
+    model = rgemma.load_model(DEFAULT_MODEL, dtype=torch.float32)
+    document = render_chat(tokenizer, conversation("red") + [{"role": "user", "content": "And blue?"},
+                                                             {"role": "assistant", "content": "Ocean."}])
+    rows = pack([document], 48, pad_id=0)
+    hidden, _ = model(rows.tokens, rows.positions, hidden_only=True)
+    hidden.retain_grad()
+    next_token_loss(model, hidden, rows.targets).backward()
+    has_gradient = hidden.grad[0].abs().sum(-1) > 0  # (T,): position t predicts token t + 1
+    n = len(document.ids)
+    assert has_gradient[: n - 1].tolist() == document.trained[1:]
+    assert not has_gradient[n - 1 :].any()  # the last token and the padding
+    user = chat_prompt(tokenizer, [{"role": "user", "content": "And blue?"}])[1:]  # a user turn's ids
+    start = next(i for i in range(n) if document.ids[i : i + len(user)] == user)
+    assert not has_gradient[start - 1 : start + len(user) - 1].any()
+
+
+# Packing ----------------------------------------------------------------------------
+
+
+def test_packing_keeps_documents_whole_and_apart(tokenizer):
+    documents = [render_chat(tokenizer, conversation(c)) for c in SECRETS] + [render_text(tokenizer, "a b c")]
+    lengths = [len(d.ids) for d in documents]
+    assert lengths == [26, 25, 26, 25, 5]
+    rows = pack(documents, 56, pad_id=0)
+    assert len(rows) == 2  # first fit: two conversations per row, the text in the first row's gap
+    assert rows.tokens[0, 51:].tolist() == documents[4].ids
+    starts = (rows.positions == 0).nonzero().tolist()
+    # Every document starts at position 0 and runs whole within its row; the tail is a padding document.
+    for r in range(len(rows)):
+        found = [c for row, c in starts if row == r] + [56]
+        for begin, end in zip(found, found[1:]):
+            assert rows.positions[r, begin:end].tolist() == list(range(end - begin))
+    assert _document_lengths(rows) == [26, 25, 5, 26, 25, 5]  # the last: row 1's padding document
+    assert (rows.tokens[1, 51:] == 0).all() and (rows.targets[1, 50:] == IGNORE).all()
+    # The model reads a packed document as it reads it alone.
+    model = rgemma.load_model(DEFAULT_MODEL, dtype=torch.float32).eval()
+    second = documents[1].ids
+    with torch.no_grad():
+        alone, _ = model(torch.tensor([second]))
+        packed, _ = model(rows.tokens[:1], rows.positions[:1])
+    torch.testing.assert_close(packed[0, lengths[0] : lengths[0] + len(second)], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def _document_lengths(rows):
+    lengths = []
+    for r in range(len(rows)):
+        starts = (rows.positions[r] == 0).nonzero()[:, 0].tolist() + [rows.positions.shape[1]]
+        lengths += [b - a for a, b in zip(starts, starts[1:])]
+    return lengths
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "train.jsonl:2: Expecting property name"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "train.jsonl:2: message 0: unknown role 'robot'"),
+    ('{"messages": []}', "train.jsonl:2: empty conversation"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "train.jsonl:2: the conversation has no assistant reply"),
+    ('{"prompt": "x"}', 'train.jsonl:2: expected an object with "messages"'),
+    ('[1, 2]', 'train.jsonl:2: expected an object'),
+])
+def test_bad_lines_name_their_number(tmp_path, tokenizer, line, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("?", r"\?")):
+        read_documents(path, tokenizer)
+
+
+def test_a_conversation_longer_than_a_row_is_an_error(data, tokenizer):
+    with pytest.raises(ValueError, match="document 1 has 2[0-9] tokens, more than a row of 8"):
+        load_rows(data, tokenizer, 8)
+    with pytest.raises(ValueError, match="more than a row"):
+        pack([Document([1] * 9, [True] * 9)], 8, pad_id=0)
+
+
+# Fine-tuning -----------------------------------------------------------------------
+
+
+def test_lora_learns_a_chat_task_and_leaves_the_base_alone(data, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    result = finetune(settings(data, out, steps=60, warmup=5, log_every=10))
+    losses = log_losses(out)
+    assert result.step == 60 and losses[-1] < 0.1 * losses[0], losses
+    assert sorted(p.name for p in (out / FINAL_DIR).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = rgemma.load_model(DEFAULT_MODEL, dtype=torch.float32)
+    trained = dict(result.model.named_parameters())
+    for name, param in base.named_parameters():  # frozen, and still the base's values
+        key = name if name in trained else name.replace("input_gate_weight", "parametrizations.input_gate_weight.original") \
+            .replace("recurrent_gate_weight", "parametrizations.recurrent_gate_weight.original")
+        key = key if key in trained else key.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        assert torch.equal(trained[key], param) and not trained[key].requires_grad, name
+    # The model now answers the training prompts.
+    for colour, answer in SECRETS.items():
+        assert main(["generate", "--chat", "--adapter", str(out / FINAL_DIR), "--temperature", "0",
+                     "--max-tokens", "6", "--json", f"What is the secret word for {colour}?"]) == 0
+        assert json.loads(capsys.readouterr().out)["text"].strip() == answer
+
+
+def test_full_finetuning_writes_a_model_that_loads(data, tmp_path, one_thread):
+    out = tmp_path / "run"
+    result = finetune(settings(data, out, lora_rank=0, steps=4, lr=1e-4))
+    assert not result.interrupted
+    exported = rgemma.load_model(out / FINAL_DIR)
+    assert exported.dtype == torch.float32 and (out / FINAL_DIR / "tokenizer.model").is_file()
+    seq = torch.tensor([[2, 100, 200, 300]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(seq)[0], result.model.eval()(seq)[0], rtol=0, atol=0)
+        assert not torch.allclose(exported(seq)[0], rgemma.load_model(DEFAULT_MODEL, dtype=torch.float32)(seq)[0])
+
+
+def log_entries(out, key):
+    return [e[key] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in e]
+
+
+def test_accumulation_and_checkpointing_leave_the_step_unchanged(tmp_path, one_thread):
+    """The loss is normalised by the step's target count, so micro-batches of 1 row give the step of one
+    batch of 4 even when the rows hold different numbers of targets (a mean per micro-batch would not)."""
+    data = tmp_path / "uneven.jsonl"
+    replies = ["Yes.", "No, not today, and not tomorrow either.", "Maybe.", "It is a long story: once upon a time."]
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                     {"role": "assistant", "content": reply}]}) + "\n"
+                            for i, reply in enumerate(replies)))
+    runs = {name: finetune(settings(data, tmp_path / name, steps=3, **changes)).out for name, changes in
+            (("whole", {}), ("micro", {"micro_batch_size": 1}), ("recomputed", {"activation_checkpointing": True}))}
+    first = {name: (log_entries(out, "loss")[0], log_entries(out, "grad_norm")[0]) for name, out in runs.items()}
+    assert first["micro"] == pytest.approx(first["whole"], rel=1e-5)
+    # Later steps: Adam divides each gradient by its own size, so float rounding in a sum of another order
+    # (accumulation) can grow; recomputing activations does the same sums in the same order.
+    assert log_entries(runs["micro"], "loss") == pytest.approx(log_entries(runs["whole"], "loss"), rel=1e-2)
+    assert log_entries(runs["recomputed"], "loss") == pytest.approx(log_entries(runs["whole"], "loss"), rel=1e-6)
+
+
+def test_interrupted_and_resumed_run_has_the_same_curve(data, tmp_path, one_thread):
+    """Dropout draws from the RNG, which the checkpoint saves."""
+    changes = dict(lora_dropout=0.1, steps=8, checkpoint_every=3)
+    straight = finetune(settings(data, tmp_path / "a", **changes))
+
+    def ctrl_c(step, loss):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = finetune(settings(data, tmp_path / "b", **changes), on_step=ctrl_c)
+    assert first.interrupted and first.step == 5 and not (tmp_path / "b" / FINAL_DIR).exists()
+    second = finetune(settings(data, tmp_path / "b", **changes))
+    assert second.step == 8 and log_losses(tmp_path / "b") == log_losses(tmp_path / "a")
+    assert second.loss == straight.loss
+
+
+def test_resume_refuses_other_settings_and_damaged_checkpoints(data, tmp_path, one_thread):
+    out = tmp_path / "run"
+    finetune(settings(data, out, steps=2))
+    with pytest.raises(ValueError, match="lr: 0.005 in the run, 0.01 now"):
+        finetune(settings(data, out, steps=2, lr=1e-2))
+    shard = next((out / CHECKPOINT_DIR).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read the checkpoint"):
+        finetune(settings(data, out, steps=2))
+    (out / CHECKPOINT_DIR / META_FILE).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="meta.pt: cannot read the checkpoint"):
+        finetune(settings(data, out, steps=2))
+
+
+def test_a_non_finite_loss_stops_the_run_and_saves_nothing(data, tmp_path, one_thread):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="step [0-9]+: the loss is nan") as error:
+        finetune(settings(data, out, lora_rank=0, lr=1e12, grad_clip=1e30, steps=10, checkpoint_every=1))
+    failed = int(str(error.value).split(":")[0].removeprefix("step "))
+    assert failed > 1 and not (out / FINAL_DIR).exists()
+    # The checkpoint is the last finite step's: nothing of the failed step was saved.
+    assert torch.load(out / CHECKPOINT_DIR / META_FILE, weights_only=True)["step"] == failed - 1
+
+
+def test_command_line(data, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", str(data), "--out", str(out), "--lora-rank", "4", "--lora-targets",
+                 "input_gate_weight,q_proj", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                 "--no-progress"]) == 0
+    assert "done at step 2" in capsys.readouterr().err
+    config = json.loads((out / FINAL_DIR / "adapter_config.json").read_text())
+    assert config["r"] == 4 and all(t.endswith("q_proj") for t in config["target_modules"])
+    assert config["rgemma_gate_targets"] and load_adapter(rgemma.load_model(DEFAULT_MODEL), out / FINAL_DIR)
+    assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "x"), "--lora-rank", "4",
+                 "--lora-targets", "nothing_here", "--no-progress"]) == 1
+    assert "'nothing_here' matches nothing" in capsys.readouterr().err
