@@ -329,6 +329,8 @@ def test_chat_reports_invalid_unicode_and_goes_on(tiny, tmp_path):
     (["train", "data", "--run-dir", "r", "--grad-clip", "0"], "--grad-clip: must be a finite number > 0"),
     (["train", "data", "--run-dir", "r", "--seed", str(2**64)], "--seed: a seed must be in"),
     (["train", "data", "--run-dir", "r", "--window", "-4"], "--window: must be a positive integer"),
+    (["prepare-data", "out", "--heldout-fraction", "1"], "--heldout-fraction: must be a fraction in (0, 1)"),
+    (["prepare-data", "out", "--vocab-size", "-1"], "--vocab-size: must be an integer >= 0"),
 ])
 def test_numeric_flags_are_checked_as_they_are_parsed(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -7,12 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+from rgemma.cli.numbers import fraction, non_negative_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="directory for train.jsonl, heldout.jsonl and sources.json")
     parser.add_argument("--cache", help="where the downloaded packages are kept (default OUT/cache)")
-    parser.add_argument("--heldout-fraction", type=float, default=0.03)
-    parser.add_argument("--vocab-size", type=int, default=8192,
+    parser.add_argument("--heldout-fraction", type=fraction, default=0.03)
+    parser.add_argument("--vocab-size", type=non_negative_int, default=8192,
                         help="also train a tokenizer of this many pieces and write token files (0: skip)")
 
 
