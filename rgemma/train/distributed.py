@@ -96,8 +96,9 @@ def leave_world(world: World):
 
 
 def wrap(module: nn.Module, world: World, fsdp: bool) -> nn.Module:
-    """DDP or FSDP around `module` (whose forward returns the loss); the module itself in a world of one
-    unless FSDP is asked for (sharding over one rank is still FSDP, so its checkpoints are the same kind)."""
+    """DDP or FSDP around `module` (whose forward returns the loss); the module itself in a world of one."""
+    if not world.distributed:
+        return module
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -105,8 +106,6 @@ def wrap(module: nn.Module, world: World, fsdp: bool) -> nn.Module:
             if isinstance(block, ResidualBlock):
                 fully_shard(block)
         fully_shard(module)
-        return module
-    if not world.distributed:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
