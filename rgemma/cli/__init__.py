@@ -33,6 +33,7 @@ COMMANDS = {
     "train": ("rgemma.cli.train", "train a Griffin from scratch on a token file (resumes a run)"),
     "finetune": ("rgemma.cli.finetune",
                  "fine-tune a model on chat or text JSONL: full or LoRA, one process or torchrun (resumes a run)"),
+    "eval": ("rgemma.cli.eval", "loss, perplexity and bits per byte on text or JSONL; multiple-choice accuracy"),
     "merge": ("rgemma.cli.merge", "fold a LoRA adapter into its base model (Hugging Face layout)"),
     "serve": ("rgemma.cli.serve", "an OpenAI-compatible HTTP server with continuous batching and a prefix state cache"),
     "bench-serve": ("rgemma.cli.bench_serve",
