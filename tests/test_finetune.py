@@ -244,8 +244,10 @@ def test_command_line(data, tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     assert main(["finetune", "--data", str(data), "--out", str(out), "--lora-rank", "4", "--lora-targets",
                  "input_gate_weight,q_proj", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-                 "--no-progress"]) == 0
+                 "--eval-data", str(data), "--eval-every", "1", "--no-progress"]) == 0
     assert "done at step 2" in capsys.readouterr().err
+    held_out = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval_loss" in e]
+    assert [e["step"] for e in held_out] == [1, 2] and held_out[1]["eval_loss"] < held_out[0]["eval_loss"]
     config = json.loads((out / FINAL_DIR / "adapter_config.json").read_text())
     assert config["r"] == 4 and all(t.endswith("q_proj") for t in config["target_modules"])
     assert config["rgemma_gate_targets"] and load_adapter(rgemma.load_model(DEFAULT_MODEL), out / FINAL_DIR)
