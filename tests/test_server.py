@@ -18,6 +18,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 import rgemma
@@ -39,10 +40,10 @@ def default():
 
 
 @contextlib.contextmanager
-def serving(default, **settings):
+def serving(default, engine=None, **settings):
     """A real uvicorn server on a free loopback port, its model warmed up: yields (base url, app)."""
     model, tokenizer = default
-    engine = Engine(model, tokenizer, chunk_size=CHUNK, max_batch=settings.pop("max_batch", 32))
+    engine = engine or Engine(model, tokenizer, chunk_size=CHUNK, max_batch=settings.pop("max_batch", 32))
     app = create_app(engine, Settings(model_name=NAME, **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -496,3 +497,31 @@ def test_a_client_that_leaves_before_its_whole_answer_frees_its_slot(server):
     while metric(url, "rgemma_running_requests") != 0:
         assert time.monotonic() < deadline, "the request of a client that left still runs"
         time.sleep(0.05)
+
+
+def test_serve_applies_an_adapter_as_the_merged_model_would(default, tmp_path):
+    """`rgemma serve --adapter DIR` loads through load_engine, as generate and chat do."""
+    import argparse
+
+    from rgemma.cli.options import load_engine
+    from rgemma.lora import LoraSettings, add_lora, adapter_parameters, adapter_tensors, merge_lora, save_adapter
+
+    settings = LoraSettings(rank=4, alpha=8.0)
+    adapted = rgemma.load_model(DEFAULT_MODEL)
+    add_lora(adapted, settings)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in adapter_parameters(adapted):
+            parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    save_adapter(adapter_tensors(adapted), settings, tmp_path / "adapter")
+    merged = merge_lora(adapted).eval()
+    args = argparse.Namespace(model=None, adapter=str(tmp_path / "adapter"), dtype=None, quantize=None,
+                              group_size=None, threads=None)
+    engine = load_engine(args, chunk_size=CHUNK)
+    _, tokenizer = default
+    messages = messages_of("Tell me about the river.")
+    with serving(default, engine=engine) as (url, _):
+        reply = post(url, {"model": NAME, "messages": messages, "max_tokens": 12, "temperature": 0}).json()
+    text = reply["choices"][0]["message"]["content"]
+    assert text == alone((merged, tokenizer), chat_prompt(tokenizer, messages), 12, temperature=0)[1]
+    assert text != alone(default, chat_prompt(tokenizer, messages), 12, temperature=0)[1]
