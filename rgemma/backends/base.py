@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from rgemma.backends.native import chosen_level
 from rgemma.model import Griffin
 from rgemma.state import State
 
@@ -27,6 +28,7 @@ class Options:
     native_kernels: bool | None = None  # the native CPU kernels, where they build
     native_bf16: bool | None = None  # the CPU computes bf16 GEMMs natively (AVX512-BF16, AMX)
     cuda_graphs: bool | None = None  # decode steps replayed from CUDA graphs
+    cpu_level: str | None = None  # the native kernels' instruction-set level (native.LEVELS), at most the CPU's
 
     def resolved(self) -> Options:
         """Every None replaced by the environment's setting, and otherwise the hardware's."""
@@ -34,7 +36,8 @@ class Options:
         native_bf16 = _pick(self.native_bf16, "RGEMMA_CPU_BF16", None)
         if native_bf16 is None:
             native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return Options(native_kernels, native_bf16, _pick(self.cuda_graphs, "RGEMMA_CUDA_GRAPHS", True))
+        return Options(native_kernels, native_bf16, _pick(self.cuda_graphs, "RGEMMA_CUDA_GRAPHS", True),
+                       chosen_level(self.cpu_level))
 
 
 def _pick(value: bool | None, variable: str, default: bool | None) -> bool | None:

@@ -20,9 +20,16 @@ order of the model's weight table (rgemma/model.py); a module of another kind
 runs the modules' own forward. The Decoder serves a model whatever dtype its
 prefill computes in: it computes in float32 and reads float32 or bf16
 attention rings.
+
+The kernels come in instruction-set levels (native.py): a model's native
+modules are of kinds made for one level (`level`, a class attribute, so that
+copies and state dicts see nothing new), the level the backend was prepared
+with.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -93,23 +100,29 @@ def widening_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 class NativeLinear(Linear):
     """A Linear whose decode-sized products run in the native kernel, and whose others widen weights by slices."""
 
+    level: str | None = None  # the kernels' level; None: the process's default
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _decode_sized(x) and _float_weight_readable(self.weight):
-            return _finish(kernels().float_linear(_rows_float32(x), self.weight), x, self.bias)
+            return _finish(kernels(self.level).float_linear(_rows_float32(x), self.weight), x, self.bias)
         return widening_linear(x, self.weight, self.bias)
 
 
 class NativeEmbedding(Embedding):
     """The embedding, whose output layer's products go as NativeLinear's do."""
 
+    level: str | None = None
+
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         if _decode_sized(hidden) and _float_weight_readable(self.weight):
-            return _finish(kernels().float_linear(_rows_float32(hidden), self.weight), hidden, None)
+            return _finish(kernels(self.level).float_linear(_rows_float32(hidden), self.weight), hidden, None)
         return widening_linear(hidden, self.weight, None)
 
 
 class _NativeQuantized:
     """Mixin for quantized modules: decode-sized products in the integer kernels, others dequantized."""
+
+    level: str | None = None
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         if _decode_sized(x) and _quantized_readable(self):
@@ -123,10 +136,10 @@ def _quantized_readable(module: QuantizedLinear) -> bool:
 
 def _quantized_product(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     if module.bits == 8:
-        return kernels().int8_linear(x, module.qweight, module.scale)
+        return kernels(module.level).int8_linear(x, module.qweight, module.scale)
     if module.padded_features != module.in_features:
         x = F.pad(x, (0, module.padded_features - module.in_features))  # zeros meet the weights' padding
-    return kernels().int4_linear(x, module.qweight, module.scale, module.minimum, module.group_size)
+    return kernels(module.level).int4_linear(x, module.qweight, module.scale, module.minimum, module.group_size)
 
 
 # Each module kind and its native counterpart, which only changes how it computes.
@@ -137,8 +150,17 @@ NATIVE_KINDS: dict[type, type] = {Linear: NativeLinear, Embedding: NativeEmbeddi
 PLAIN_KINDS = {native: plain for plain, native in NATIVE_KINDS.items()}
 
 
+@functools.cache
+def native_kinds(level: str) -> dict[type, type]:
+    """NATIVE_KINDS for one level of the kernels: subclasses that name it."""
+    table = {plain: type(native.__name__, (native,), {"level": level}) for plain, native in NATIVE_KINDS.items()}
+    PLAIN_KINDS.update({native: plain for plain, native in table.items()})
+    return table
+
+
 def _set_kinds(model: nn.Module, table: dict[type, type]) -> None:
-    """Give each module listed in `table` the kind it maps to, in place.
+    """Give each module listed in `table` the kind it maps to (native kinds first back to their plain kind), in
+    place.
 
     A native kind is a subclass that only overrides how products are
     computed: parameters, buffers and names stay, so checkpoints, state
@@ -146,7 +168,7 @@ def _set_kinds(model: nn.Module, table: dict[type, type]) -> None:
     swaps classes the same way).
     """
     for module in model.modules():
-        kind = table.get(type(module))
+        kind = table.get(PLAIN_KINDS.get(type(module), type(module)))
         if kind is not None:
             module.__class__ = kind
 
@@ -192,10 +214,11 @@ def _block_parts(layer: nn.Module, block_type: str) -> tuple | None:
     return recurrent, small, linears
 
 
-def build_decoder(model: Griffin, layers: list[int] | None = None, head: bool = True):
-    """The native Decoder over the model's tensors (the given layers, default all; with the embedding and final
-    norm if `head`), or None if the kernels are missing or a part is of a kind it does not compute."""
-    if kernels() is None:
+def build_decoder(model: Griffin, layers: list[int] | None = None, head: bool = True, level: str | None = None):
+    """The native Decoder of `level` (default: the process's) over the model's tensors (the given layers, default
+    all; with the embedding and final norm if `head`), or None if the kernels are missing or a part is of a kind
+    it does not compute."""
+    if kernels(level) is None:
         return None
     config = model.config
     layers = range(len(model.layers)) if layers is None else layers
@@ -204,7 +227,7 @@ def build_decoder(model: Griffin, layers: list[int] | None = None, head: bool = 
     final_norm = model.get_submodule(FINAL_NORM)
     if any(b is None for b in blocks) or (head and (embedding is None or type(final_norm) is not RMSNorm)):
         return None
-    return kernels().Decoder(
+    return kernels(level).Decoder(
         blocks, config.norm_eps, rope_frequencies(config.head_dim, config.rope_base, model.device),
         embedding, final_norm.weight if head else None, config.embedding_scale, config.logits_soft_cap,
     )
@@ -217,8 +240,9 @@ class CpuBackend(Backend):
         super().__init__(model, options)
         narrow = model.dtype in (torch.bfloat16, torch.float16)
         model.activation_dtype = torch.float32 if narrow and not options.native_bf16 else None
-        self.native = options.native_kernels and kernels() is not None
-        _set_kinds(model, NATIVE_KINDS if self.native else PLAIN_KINDS)
+        self.level = options.cpu_level
+        self.native = bool(options.native_kernels and self.level and kernels(self.level) is not None)
+        _set_kinds(model, native_kinds(self.level) if self.native else PLAIN_KINDS)
         self._decoder = None
         self._modules: list[nn.Module] = []  # what the Decoder was built from, to notice a module replaced
 
@@ -229,14 +253,17 @@ class CpuBackend(Backend):
             return None
         modules = list(self.model.modules())
         if len(modules) != len(self._modules) or any(a is not b for a, b in zip(modules, self._modules)):
-            self._modules, self._decoder = modules, build_decoder(self.model)
+            self._modules, self._decoder = modules, build_decoder(self.model, level=self.level)
         elif self._decoder is not None and not self._decoder.is_current():
-            self._decoder = build_decoder(self.model)
+            self._decoder = build_decoder(self.model, level=self.level)
         return self._decoder
 
     @property
     def decode_path(self) -> str:
         return "native" if self._current_decoder() is not None else "plain"
+
+    def describe(self) -> dict[str, str]:
+        return super().describe() | {"cpu_level": self.level if self.native else "none (plain PyTorch)"}
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -1,4 +1,21 @@
-"""The native CPU kernels (csrc/cpu_kernels.cpp): built with torch's extension builder at first use, and cached.
+"""The native CPU kernels (csrc/cpu_kernels.cpp): one build per instruction-set level, chosen at run time, built
+once per install and cached.
+
+Levels: the same source compiled with more instruction sets each
+(`#if defined(__AVX512F__)` and the like pick the code inside), so one
+package serves every x86 CPU. The CPU's flags are read once per process
+(/proc/cpuinfo: the kernel clears flags it does not let programs use, such
+as AVX-512 without the OS saving its registers), and the best level they
+allow is taken; RGEMMA_CPU_LEVEL (or Options.cpu_level) forces another.
+
+Each level builds into a directory of its own, named by a digest of
+everything that changes the binary (the source, the flags, the compiler and
+its version, torch's version, install path and C++ ABI, Python's version and
+include path): two environments on one machine each build once and never
+rebuild each other's. A file lock makes processes started together wait for
+one build instead of racing, and each directory counts its builds
+(`build_count`), so a rebuild shows. `rgemma build-kernels` builds every
+level this CPU runs, up front.
 
 Where they cannot be built or run, every product takes the plain PyTorch
 path, which computes the same function: the tests compare the two.
@@ -18,10 +35,14 @@ exceptions by which the kernels refuse bad input, and aborts):
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import functools
 import hashlib
 import os
+import subprocess
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -29,8 +50,72 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).parent.parent / "csrc" / "cpu_kernels.cpp"
-COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+COMMON_FLAGS = ["-O3", "-fopenmp"]
 SANITIZE_FLAGS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]}
+LEVEL_VARIABLE = "RGEMMA_CPU_LEVEL"
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    name: str
+    cpu_flags: tuple[str, ...]  # as /proc/cpuinfo names them; all needed
+    compile_flags: tuple[str, ...]
+
+
+_AVX2 = Level("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"))
+_AVX512 = Level("avx512", _AVX2.cpu_flags + ("avx512f", "avx512bw", "avx512vl"),
+                _AVX2.compile_flags + ("-mavx512f", "-mavx512bw", "-mavx512vl"))
+# Integer dot products (vpdpbusd) and bf16 dot products (vdpbf16ps).
+_AVX512_VNNI_BF16 = Level("avx512-vnni-bf16", _AVX512.cpu_flags + ("avx512_vnni", "avx512_bf16"),
+                          _AVX512.compile_flags + ("-mavx512vnni", "-mavx512bf16"))
+LEVELS = {level.name: level for level in (_AVX2, _AVX512, _AVX512_VNNI_BF16)}  # lowest first
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags this CPU reports to programs, read once per process.
+
+    From /proc/cpuinfo where there is one; elsewhere torch's capability
+    string, which names only AVX2 or AVX512 (so the plain AVX-512 level at most).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return frozenset({"AVX2": _AVX2.cpu_flags, "AVX512": _AVX512.cpu_flags}.get(capability, ()))
+
+
+def machine_levels() -> list[str]:
+    """The levels this CPU runs, lowest first."""
+    return [name for name, level in LEVELS.items() if set(level.cpu_flags) <= cpu_flags()]
+
+
+def missing_flags(level: str) -> list[str]:
+    """The CPU flags `level` needs that this CPU lacks."""
+    return [flag for flag in LEVELS[level].cpu_flags if flag not in cpu_flags()]
+
+
+def chosen_level(forced: str | None = None) -> str | None:
+    """`forced`, else RGEMMA_CPU_LEVEL, else the best level this CPU runs; None where it runs none.
+
+    A level that is unknown, or that the CPU lacks, is an error: code built for it would stop on an illegal
+    instruction.
+    """
+    source = "Options.cpu_level"
+    if forced is None:
+        forced, source = os.environ.get(LEVEL_VARIABLE) or None, LEVEL_VARIABLE
+    if forced is None:
+        levels = machine_levels()
+        return levels[-1] if levels else None
+    if forced not in LEVELS:
+        raise ValueError(f"{source}={forced!r}: valid levels are {', '.join(LEVELS)}")
+    if missing_flags(forced):
+        raise ValueError(f"{source}={forced!r}: this CPU lacks {', '.join(missing_flags(forced))}")
+    return forced
 
 
 def _sanitize_flags() -> list[str]:
@@ -41,42 +126,116 @@ def _sanitize_flags() -> list[str]:
     return SANITIZE_FLAGS.get(name, [])
 
 
-def _cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    flags = COMPILE_FLAGS + _sanitize_flags()
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    return base / "rgemma" / "kernels" / f"torch-{torch.__version__}-{digest}"
+@functools.cache
+def _compiler() -> str:
+    """The compiler torch's builder will run, and its version: a new compiler is a new binary."""
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        version = f"unavailable: {error}"
+    return f"{compiler}\n{version}"
 
 
-def cpu_supported() -> bool:
-    """The CPU runs AVX2 code (torch reports AVX2 or AVX512 capability)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+def build_key(sources: list[Path], compile_flags: list[str], link_flags: list[str],
+              include_paths: list[str]) -> str:
+    """A digest of everything that changes the binary built from `sources` in this environment."""
+    from torch.utils import cpp_extension
+
+    parts = [
+        *(source.read_bytes() for source in sources), *compile_flags, "--", *link_flags, "--", *include_paths,
+        *cpp_extension.include_paths(), torch.__version__, str(Path(torch.__file__).parent),
+        str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version, sysconfig.get_paths()["include"], _compiler(),
+    ]
+    return hashlib.sha256("\0".join(p if isinstance(p, str) else p.hex() for p in parts).encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rgemma" / "kernels"
+
+
+def build_count(build_dir: Path) -> int:
+    """How many times the library in `build_dir` was built (0: never)."""
+    counter = build_dir / "builds"
+    return int(counter.read_text()) if counter.is_file() else 0
+
+
+def _library_stamp(build_dir: Path, name: str) -> tuple[int, int] | None:
+    library = build_dir / f"{name}.so"
+    return (library.stat().st_mtime_ns, library.stat().st_ino) if library.is_file() else None
+
+
+def build_extension(name: str, sources: list[Path], compile_flags: list[str], link_flags: list[str],
+                    include_paths: tuple[str, ...] = (), root: Path | None = None,
+                    is_python_module: bool = True) -> ModuleType | str:
+    """Build (once per key) and load a torch C++ extension; concurrent callers wait for one build.
+
+    The directory is root/<name>-<build_key>. An exclusive lock on a file
+    beside it is held while torch's builder runs (the kernel drops it if the
+    process dies, unlike torch's own lock file); a library new or changed
+    under that lock counts as a build.
+    """
+    from torch.utils import cpp_extension
+
+    key = build_key(sources, compile_flags, link_flags, list(include_paths))
+    build_dir = (root or cache_root()) / f"{name}-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{build_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = _library_stamp(build_dir, name)
+        if before is None:
+            print(f"rgemma: compiling {name} (once per install, about a minute)...", file=sys.stderr, flush=True)
+        module = cpp_extension.load(
+            name=name, sources=[str(s) for s in sources], extra_cflags=compile_flags, extra_ldflags=link_flags,
+            extra_include_paths=list(include_paths), build_directory=str(build_dir),
+            is_python_module=is_python_module,
+        )
+        if _library_stamp(build_dir, name) != before:
+            (build_dir / "builds").write_text(f"{build_count(build_dir) + 1}\n")
+    return module
+
+
+def _level_build(level: str) -> tuple[str, list[str], list[str]]:
+    """A level's module name and its compile and link flags."""
+    sanitize = _sanitize_flags()
+    name = "rgemma_cpu_kernels_" + level.replace("-", "_")
+    if sanitize:
+        name += "_" + os.environ["RGEMMA_SANITIZE"]
+    return name, [*COMMON_FLAGS, *LEVELS[level].compile_flags, *sanitize], ["-fopenmp", *sanitize]
+
+
+def level_build_dir(level: str) -> Path:
+    """Where `level`'s kernels are (or will be) built in this environment."""
+    name, compile_flags, link_flags = _level_build(level)
+    return cache_root() / f"{name}-{build_key([SOURCE], compile_flags, link_flags, [])}"
+
+
+def is_built(level: str) -> bool:
+    name = _level_build(level)[0]
+    return _library_stamp(level_build_dir(level), name) is not None
+
+
+def kernels(level: str | None = None) -> ModuleType | None:
+    """The compiled CPU kernels of `level` (default: chosen_level()), built on first use; None where the CPU
+    runs no level or they cannot be built."""
+    level = level or chosen_level()
+    if level is None:
+        return None
+    if missing_flags(level):
+        raise ValueError(f"CPU level {level!r}: this CPU lacks {', '.join(missing_flags(level))}")
+    return _load_level(level)
 
 
 @functools.cache
-def kernels() -> ModuleType | None:
-    """The compiled CPU kernels, built on first use; None where they cannot be."""
-    if not cpu_supported():
-        return None
-    from torch.utils import cpp_extension
-
-    build_dir = _cache_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if not any(build_dir.glob("*.so")):
-        print("rgemma: compiling the CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+def _load_level(level: str) -> ModuleType | None:
+    name, compile_flags, link_flags = _level_build(level)
     try:
-        return cpp_extension.load(
-            name="rgemma_cpu_kernels",
-            sources=[str(SOURCE)],
-            extra_cflags=COMPILE_FLAGS + _sanitize_flags(),
-            extra_ldflags=["-fopenmp"] + _sanitize_flags(),
-            build_directory=str(build_dir),
-        )
+        return build_extension(name, [SOURCE], compile_flags, link_flags)
     except Exception as error:  # a missing compiler or ninja: fall back, but say so once
         message = str(error).strip().splitlines()
         warnings.warn(
             f"rgemma: CPU kernels unavailable ({message[-1] if message else type(error).__name__}); "
             "decoding uses plain PyTorch, which is slower",
-            stacklevel=2,
+            stacklevel=3,
         )
         return None

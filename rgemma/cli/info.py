@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from rgemma.cli.options import DTYPES, add_quantize_options, quantize_options, torch_dtype
 
@@ -15,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype to report (presets) or load in")
     add_quantize_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--hardware", action="store_true",
+                        help="instead: the CPU flags the native kernels choose from, and the level chosen")
 
 
 def _load(args):
@@ -37,7 +40,43 @@ def _load(args):
     return load_model(resolve_model(args.model), dtype=torch_dtype(args.dtype), **quantize)
 
 
+def _hardware() -> dict:
+    """What the native kernels' dispatch sees on this machine (rgemma/backends/native.py)."""
+    import torch
+
+    from rgemma.backends import native
+
+    wanted = dict.fromkeys(flag for level in native.LEVELS.values() for flag in level.cpu_flags)
+    return {
+        "cpu_flags": {flag: flag in native.cpu_flags() for flag in wanted},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "levels": {name: {"runs": not native.missing_flags(name), "missing": native.missing_flags(name),
+                          "built": native.is_built(name)} for name in native.LEVELS},
+        "chosen_level": native.chosen_level(),
+        "forced_by": native.LEVEL_VARIABLE if os.environ.get(native.LEVEL_VARIABLE) else None,
+    }
+
+
+def _print_hardware(hardware: dict) -> None:
+    seen = [flag for flag, present in hardware["cpu_flags"].items() if present]
+    absent = [flag for flag, present in hardware["cpu_flags"].items() if not present]
+    print("cpu flags    " + (" ".join(seen) or "none of the kernels' flags")
+          + (f" (absent: {' '.join(absent)})" if absent else ""))
+    print(f"torch        cpu capability {hardware['torch_cpu_capability']}")
+    for name, level in hardware["levels"].items():
+        state = ("runs here, " + ("built" if level["built"] else "not built yet") if level["runs"]
+                 else "lacks " + ", ".join(level["missing"]))
+        print(f"level        {name}: {state}")
+    chosen = hardware["chosen_level"] or "none (plain PyTorch)"
+    print(f"chosen       {chosen}" + (f" (forced by {hardware['forced_by']})" if hardware["forced_by"] else
+                                      " (the best this CPU runs; RGEMMA_CPU_LEVEL forces another)"))
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.hardware:
+        hardware = _hardware()
+        print(json.dumps(hardware, indent=2)) if args.json else _print_hardware(hardware)
+        return
     from rgemma.backends import prepare
     from rgemma.quantize import Quantization, parameter_count
     from rgemma.state import State
@@ -76,7 +115,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"state        {state.nbytes:,} bytes per sequence, whatever its length")
     if backend is not None:
         print(f"backend      {backend['backend']} on {backend['device']}: activations in {backend['activations']}, "
-              f"decode steps {backend['decode']}")
+              f"decode steps {backend['decode']}"
+              + (f", kernels {backend['cpu_level']}" if "cpu_level" in backend else ""))
     print(f"layers       {config.num_layers}: {pattern} (R recurrent, A local attention)")
     print(f"width        {config.width}, lru {config.lru_width}, mlp {config.mlp_width} x2, "
           f"heads {config.num_heads} x {config.head_dim} (1 kv head)")
