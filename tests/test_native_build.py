@@ -40,8 +40,8 @@ def start_build(root: Path, source: Path, include: Path, go: Path) -> subprocess
     return child
 
 
-def finish(child: subprocess.Popen) -> None:
-    _, errors = child.communicate(timeout=300)
+def finish(child: subprocess.Popen, timeout: float = 300) -> None:
+    _, errors = child.communicate(timeout=timeout)
     assert child.returncode == 0, errors
 
 
@@ -76,6 +76,16 @@ def test_runs_started_together_wait_for_one_build(probe):
     for child in children:
         finish(child)
     [directory] = root.glob("probe-*/")
+    assert native.build_count(directory) == 1
+
+
+def test_a_build_killed_mid_way_does_not_stop_the_next(probe):
+    """A process killed while torch's builder ran leaves torch's lock file; with it there, torch waits for ever."""
+    root, source, (include, _), go = probe
+    finish(start_build(root, source, include, go))
+    [directory] = root.glob("probe-*/")
+    (directory / "lock").touch()  # as a killed build leaves it
+    finish(start_build(root, source, include, go), timeout=120)
     assert native.build_count(directory) == 1
 
 
@@ -164,6 +174,7 @@ def test_the_backend_says_which_level_it_uses(capsys):
     assert backend.describe()["cpu_level"] == level
     assert {type(m).level for m in griffin.modules() if hasattr(type(m), "level")} == {level}
     assert prepare(griffin, options=Options(native_kernels=False)).describe()["cpu_level"] == "none (plain PyTorch)"
+    assert not [m for m in griffin.modules() if hasattr(type(m), "level")]  # every module back to its plain kind
     assert main(["info", "--hardware"]) == 0
     out = capsys.readouterr().out
     assert f"chosen       {native.chosen_level()}" in out

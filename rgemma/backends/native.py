@@ -172,8 +172,9 @@ def build_extension(name: str, sources: list[Path], compile_flags: list[str], li
 
     The directory is root/<name>-<build_key>. An exclusive lock on a file
     beside it is held while torch's builder runs (the kernel drops it if the
-    process dies, unlike torch's own lock file); a library new or changed
-    under that lock counts as a build.
+    process dies, unlike torch's own lock file, which is removed there when
+    a killed build left it); a library new or changed under that lock counts
+    as a build.
     """
     from torch.utils import cpp_extension
 
@@ -182,6 +183,9 @@ def build_extension(name: str, sources: list[Path], compile_flags: list[str], li
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir.parent / f"{build_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        # torch's builder waits, without end, while its own lock file exists; one left by a process killed
+        # mid-build is stale, since our lock is the only way in.
+        (build_dir / "lock").unlink(missing_ok=True)
         before = _library_stamp(build_dir, name)
         if before is None:
             print(f"rgemma: compiling {name} (once per install, about a minute)...", file=sys.stderr, flush=True)
