@@ -159,8 +159,8 @@ def native_kinds(level: str) -> dict[type, type]:
 
 
 def _set_kinds(model: nn.Module, table: dict[type, type]) -> None:
-    """Give each module listed in `table` the kind it maps to (native kinds first back to their plain kind), in
-    place.
+    """Give each module of a kind in NATIVE_KINDS (or a native kind of one) the kind `table` maps it to, or its
+    plain kind where `table` has none, in place.
 
     A native kind is a subclass that only overrides how products are
     computed: parameters, buffers and names stay, so checkpoints, state
@@ -168,9 +168,9 @@ def _set_kinds(model: nn.Module, table: dict[type, type]) -> None:
     swaps classes the same way).
     """
     for module in model.modules():
-        kind = table.get(PLAIN_KINDS.get(type(module), type(module)))
-        if kind is not None:
-            module.__class__ = kind
+        plain = PLAIN_KINDS.get(type(module), type(module))
+        if plain in NATIVE_KINDS:
+            module.__class__ = table.get(plain, plain)
 
 
 # The Decoder's view of the model -------------------------------------------------
@@ -242,7 +242,7 @@ class CpuBackend(Backend):
         model.activation_dtype = torch.float32 if narrow and not options.native_bf16 else None
         self.level = options.cpu_level
         self.native = bool(options.native_kernels and self.level and kernels(self.level) is not None)
-        _set_kinds(model, native_kinds(self.level) if self.native else PLAIN_KINDS)
+        _set_kinds(model, native_kinds(self.level) if self.native else {})
         self._decoder = None
         self._modules: list[nn.Module] = []  # what the Decoder was built from, to notice a module replaced
 
