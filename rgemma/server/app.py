@@ -263,13 +263,17 @@ def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(stream(job, updates, reply, usage), media_type="text/event-stream")
         try:
+            next_check = loop.time() + DISCONNECT_POLL_SECONDS
             while True:
-                try:
-                    update = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_SECONDS)
-                except TimeoutError:
+                # Checked on a clock, not only when no token came: tokens may arrive faster than the poll.
+                if loop.time() >= next_check:
                     if await request.is_disconnected():
                         worker.cancel(job)
                         return Response(status_code=499)
+                    next_check = loop.time() + DISCONNECT_POLL_SECONDS
+                try:
+                    update = await asyncio.wait_for(updates.get(), max(0.0, next_check - loop.time()))
+                except TimeoutError:
                     continue
                 if isinstance(update, Failed):
                     raise APIError(500, update.message, kind="server_error")
