@@ -159,7 +159,8 @@ MAX_POSITION = 2**62
 
 
 class StateFileError(ValueError):
-    """A state file that cannot be read or belongs to another model; the message names the file."""
+    """A state file that cannot be read or written, is damaged, or belongs to another model; the message names
+    the file."""
 
 
 def model_fingerprint(model) -> str:

@@ -26,6 +26,7 @@ from rgemma.config import Config
 from rgemma.model import Griffin, TokenLayout
 from rgemma.quantize import quantize_model
 from conftest import LowRankAdapter
+from cpu_levels import LEVELS
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="the native CPU kernels cannot be built here")
 
@@ -89,12 +90,14 @@ def test_a_state_the_decoder_cannot_update_takes_the_plain_path():
         build_decoder(griffin).run(griffin.embed(tokens[:, 0]), strided.position, strided.layer_tensors())
 
 
-@pytest.mark.parametrize("native_bf16", [False, True], ids=["avx2-like", "native-bf16"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["fp32-prefill", "bf16-prefill"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_step_equals_the_forward(dtype, native_bf16):
-    """On CPUs with and without native bf16 (forced either way), whatever dtype the prefill computes in."""
+def test_native_step_equals_the_forward(dtype, native_bf16, level):
+    """On CPUs with and without native bf16 (forced either way), whatever dtype the prefill computes in, at
+    every level of the kernels this CPU runs."""
     griffin = model(dtype)
-    backend = prepare(griffin, options=Options(native_bf16=native_bf16))
+    backend = prepare(griffin, options=Options(native_bf16=native_bf16, cpu_level=level))
     assert backend.decode_path == "native"
     computes_bf16 = griffin.activation_dtype == torch.bfloat16
     assert computes_bf16 == (dtype == torch.bfloat16 and native_bf16)
@@ -115,12 +118,13 @@ def test_native_step_equals_the_forward(dtype, native_bf16):
                 torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("width", [192, 160])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_native_blocks_equal_the_modules_on_quantized_weights(bits, width):
+def test_native_blocks_equal_the_modules_on_quantized_weights(bits, width, level):
     griffin = model(bits=bits, width=width)
-    assert prepare(griffin).decode_path == "native"
-    decoders = [build_decoder(griffin, layers=[i], head=False) for i in range(len(griffin.layers))]
+    assert prepare(griffin, options=Options(cpu_level=level)).decode_path == "native"
+    decoders = [build_decoder(griffin, layers=[i], head=False, level=level) for i in range(len(griffin.layers))]
     tokens, state = prefilled(griffin)
     native_state = state.clone()
     errors = []
@@ -143,15 +147,17 @@ def test_native_blocks_equal_the_modules_on_quantized_weights(bits, width):
         assert relative_error(got.double(), want.double()) < 2e-2
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_native_embedding_and_logits_equal_the_model(bits, dtype):
+def test_native_embedding_and_logits_equal_the_model(bits, dtype, level):
     """A Decoder with no blocks: the embedding's rows, the final norm, the tied output layer and the soft cap,
     in every weight format (int4 rows padded to whole groups)."""
     griffin = model(dtype, bits)
-    prepare(griffin, options=Options(native_bf16=False))  # the forward in float32, as the Decoder computes
+    # The forward in float32, as the Decoder computes
+    prepare(griffin, options=Options(native_bf16=False, cpu_level=level))
     cfg = griffin.config
-    decoder = build_decoder(griffin, layers=[])
+    decoder = build_decoder(griffin, layers=[], level=level)
     tokens = torch.tensor([0, 7, cfg.vocab_size - 1])
     with torch.no_grad():
         logits = decoder.step(tokens, torch.zeros(3, dtype=torch.long), [])
@@ -220,3 +226,27 @@ def test_without_native_kernels_the_step_is_the_plain_forward():
         assert plain.decode_path == "plain" and plain.describe()["decode"] == "plain"
         logits, _ = plain.step(tokens[:, :1], state)
     assert relative_error(logits, native_logits) < 1e-5
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("bits", [None, 8, 4], ids=["bf16", "int8", "int4"])
+def test_every_level_steps_as_the_plain_path_at_every_batch_size(bits, level):
+    """One fused step of bf16, int8 and int4 weights at 1, 3 and 16 rows against the plain PyTorch path (the
+    modules' own forward, no native kernel anywhere). Quantized weights: the plain path multiplies float
+    activations, the kernels int8 ones, about 1e-2 apart per product here and 0.15 apart on the logits after
+    every layer with int4 weights (measured); a misread weight is off by the whole output."""
+    griffin = model(torch.bfloat16, bits)
+    tolerance = {None: 1e-5, 8: 8e-2, 4: 0.25}[bits]
+    for rows in (1, 3, 16):
+        tokens = torch.randint(0, griffin.config.vocab_size, (rows, 6), generator=torch.Generator().manual_seed(rows))
+        plain = prepare(griffin, options=Options(native_kernels=False, native_bf16=False))
+        with torch.no_grad():
+            _, state = griffin(tokens[:, :5])
+            expected_state = state.clone()
+            expected, _ = plain.step(tokens[:, 5:], expected_state)
+            backend = prepare(griffin, options=Options(native_bf16=False, cpu_level=level))
+            assert backend.decode_path == "native"
+            logits, _ = backend.step(tokens[:, 5:], state)
+        assert relative_error(logits, expected) < tolerance, rows
+        for got, want in zip(state.tensors(), expected_state.tensors()):
+            assert relative_error(got.double(), want.double()) < tolerance, rows

@@ -206,7 +206,7 @@ def test_the_backend_says_how_it_serves_the_model(default):
     model, _ = default  # bf16 weights
     described = prepare(model, options=Options(native_kernels=False, native_bf16=False)).describe()
     assert described == {"backend": "cpu", "device": "cpu", "weights": "bfloat16", "activations": "float32",
-                         "decode": "plain"}
+                         "decode": "plain", "cpu_level": "none (plain PyTorch)"}
     native_bf16 = prepare(model, options=Options(native_kernels=False, native_bf16=True))
     assert native_bf16.describe()["activations"] == "bfloat16"
     if kernels() is not None:

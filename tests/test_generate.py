@@ -175,8 +175,8 @@ def test_chat_turn_reads_only_its_own_tokens(model, tokenizer):
 
 
 def test_invalid_requests():
-    with pytest.raises(ValueError, match="max_tokens"):
-        Request([1], max_tokens=0)
+    with pytest.raises(ValueError, match="max_tokens must be at least 0"):
+        Request([1], max_tokens=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=1.5)
 

@@ -1,4 +1,5 @@
-"""The native CPU kernels against exact PyTorch mirrors of their arithmetic.
+"""The native CPU kernels, at every instruction-set level this CPU runs, against exact PyTorch mirrors of their
+arithmetic.
 
 The quantized kernels quantize each row of x to int8 in blocks (scale
 max|x| / 127, round half to even), sum integer products per block, and apply
@@ -17,8 +18,15 @@ from rgemma.backends import cpu
 from rgemma.backends.native import kernels
 from rgemma.model import RMSNorm
 from rgemma.quantize import pack_int4
+from cpu_levels import LEVELS
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="the native CPU kernels cannot be built here")
+
+
+@pytest.fixture(params=LEVELS)
+def native(request):
+    """The kernels of each instruction-set level this CPU runs, forced in turn."""
+    return kernels(request.param)
 
 ROWS = range(1, 18)  # one more than the decode limit: the kernels take any M
 OUTPUTS = 13  # not a multiple of the 4-row strips
@@ -69,14 +77,14 @@ def int4_mirror(x, packed, scale, minimum, group) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("inputs", [32, 96, 320])
-def test_int8_kernel_equals_its_mirror(inputs):
+def test_int8_kernel_equals_its_mirror(native, inputs):
     generator = torch.Generator().manual_seed(inputs)
     q = torch.randint(-127, 128, (OUTPUTS, inputs), generator=generator, dtype=torch.int8)
     q[0, :4] = torch.tensor([127, -127, 127, -127], dtype=torch.int8)
     scale = torch.rand(OUTPUTS, generator=generator) * 0.02
     for rows in ROWS:
         x = activations(rows, inputs, seed=rows)
-        y = kernels().int8_linear(x, q, scale)
+        y = native.int8_linear(x, q, scale)
         expected = int8_mirror(x, q, scale)
         close(y, expected)
         if rows == 3:  # the tolerance resolves the activation quantization
@@ -85,7 +93,7 @@ def test_int8_kernel_equals_its_mirror(inputs):
 
 
 @pytest.mark.parametrize("inputs, group", [(64, 64), (192, 64), (256, 128), (384, 192)])
-def test_int4_kernel_equals_its_mirror(inputs, group):
+def test_int4_kernel_equals_its_mirror(native, inputs, group):
     generator = torch.Generator().manual_seed(inputs + group)
     q = torch.randint(0, 16, (OUTPUTS, inputs), generator=generator, dtype=torch.uint8)
     packed = pack_int4(q)
@@ -94,11 +102,11 @@ def test_int4_kernel_equals_its_mirror(inputs, group):
     minimum = (-torch.rand(OUTPUTS, groups, generator=generator) * 0.08).half()
     for rows in ROWS:
         x = activations(rows, inputs, seed=100 + rows)
-        y = kernels().int4_linear(x, packed, scale, minimum, group)
+        y = native.int4_linear(x, packed, scale, minimum, group)
         close(y, int4_mirror(x, packed, scale, minimum, group))
 
 
-def test_int4_kernel_reads_the_documented_nibble_layout():
+def test_int4_kernel_reads_the_documented_nibble_layout(native):
     # One weight row with a single 1 at input k (scale 1, minimum 0) picks x[:, k].
     x = torch.arange(128, dtype=torch.float32)[None] + 1.0
     for k in (0, 5, 31, 32, 40, 63, 64, 100):
@@ -107,7 +115,7 @@ def test_int4_kernel_reads_the_documented_nibble_layout():
         packed = pack_int4(q)
         byte = (k // 64) * 32 + k % 32
         assert packed[0, byte] == (1 if k % 64 < 32 else 16)  # low nibble: inputs 0-31 of a block; high: 32-63
-        y = kernels().int4_linear(x, packed, torch.ones(1, 2).half(), torch.zeros(1, 2).half(), 64)
+        y = native.int4_linear(x, packed, torch.ones(1, 2).half(), torch.zeros(1, 2).half(), 64)
         amax = x[0, (k // 64) * 64 : (k // 64) * 64 + 64].abs().max()
         xq = torch.round(x[0, k] * (127.0 / amax)) * (amax / 127.0)  # x[k] after activation quantization
         torch.testing.assert_close(y[0, 0], xq, rtol=1e-6, atol=0)
@@ -115,24 +123,24 @@ def test_int4_kernel_reads_the_documented_nibble_layout():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inputs", [32, 70, 256])  # 70: a tail after the last 32-input block
-def test_float_kernel_equals_f_linear(dtype, inputs):
+def test_float_kernel_equals_f_linear(native, dtype, inputs):
     generator = torch.Generator().manual_seed(inputs)
     w = torch.randn(OUTPUTS, inputs, generator=generator).to(dtype)
     for rows in ROWS:
         x = torch.randn(rows, inputs, generator=generator)
-        close(kernels().float_linear(x, w), F.linear(x.double(), w.double()))
+        close(native.float_linear(x, w), F.linear(x.double(), w.double()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # 14 inputs: two rows after the last four taken together; 20 outputs: a tail of 4
 @pytest.mark.parametrize("heads, inputs, outputs", [(2, 16, 16), (3, 14, 20), (10, 256, 256)])
-def test_block_diagonal_kernel_equals_einsum(dtype, heads, inputs, outputs):
+def test_block_diagonal_kernel_equals_einsum(native, dtype, heads, inputs, outputs):
     generator = torch.Generator().manual_seed(heads * inputs)
     w = torch.randn(heads, inputs, outputs, generator=generator).to(dtype)
     for rows in (1, 2, 5, 16):
         x = torch.randn(rows, heads, inputs, generator=generator)
         expected = torch.einsum("mhi,hij->mhj", x.double(), w.double())
-        close(kernels().block_diagonal_linear(x, w), expected)
+        close(native.block_diagonal_linear(x, w), expected)
 
 
 def attention_reference(q, parts, scale):
@@ -149,7 +157,7 @@ def attention_reference(q, parts, scale):
     (3, 2, 3, 20, 700),  # a head dim with a tail of 4; chunks of keys ending mid-way
     (2, 5, 1, 8, 0),  # no history: the new keys only
 ])
-def test_attend_few_kernel_equals_softmax_attention(dtype, batch, queries, heads, head_dim, cached):
+def test_attend_few_kernel_equals_softmax_attention(native, dtype, batch, queries, heads, head_dim, cached):
     generator = torch.Generator().manual_seed(cached + heads)
     q = torch.randn(batch, queries, heads, head_dim, generator=generator)
     parts = []
@@ -160,7 +168,7 @@ def test_attend_few_kernel_equals_softmax_attention(dtype, batch, queries, heads
         visible[..., -1] = True  # every query sees at least one key
         parts.append((keys, values, visible))
     expected = attention_reference(q, parts, head_dim**-0.5)
-    close(kernels().attend_few(q, *(list(t) for t in zip(*parts)), head_dim**-0.5), expected)
+    close(native.attend_few(q, *(list(t) for t in zip(*parts)), head_dim**-0.5), expected)
 
 
 @torch.no_grad()
@@ -182,13 +190,13 @@ def test_native_linear_widens_narrow_weights_a_slice_at_a_time(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [37, 2560])  # a tail of 5; the 2b width
-def test_rms_norm_kernel_equals_the_formula(dtype, width):
+def test_rms_norm_kernel_equals_the_formula(native, dtype, width):
     generator = torch.Generator().manual_seed(width)
     weight = (0.1 * torch.randn(width, generator=generator)).to(dtype)  # stored zero-centred
     for rows in (1, 3, 16):
         x = 3.0 * torch.randn(2, rows, 1, width, generator=generator)[0]
         expected = F.rms_norm(x.double(), (width,), 1.0 + weight.double(), 1e-6)
-        close(kernels().rms_norm(x.reshape(-1, width), weight, 1e-6).view(x.shape), expected)
+        close(native.rms_norm(x.reshape(-1, width), weight, 1e-6).view(x.shape), expected)
         norm = RMSNorm(width, 1e-6, dtype=dtype)
         norm.weight.data = weight
         with torch.no_grad():
@@ -196,7 +204,7 @@ def test_rms_norm_kernel_equals_the_formula(dtype, width):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rglru_step_kernel_equals_the_plain_recurrence(dtype):
+def test_rglru_step_kernel_equals_the_plain_recurrence(native, dtype):
     """One decoding step of the RG-LRU (as the Decoder runs it) against the module's torch operations; row 1
     starts a document."""
     from rgemma.model import RGLRU, TokenLayout
@@ -212,7 +220,7 @@ def test_rglru_step_kernel_equals_the_plain_recurrence(dtype):
     h0 = torch.randn(3, 44)
     layout = TokenLayout.of_step(torch.tensor([[7], [0], [2]]))
     with torch.no_grad():
-        h = kernels().rglru_step(
+        h = native.rglru_step(
             x[:, 0], rglru.input_gate_weight, rglru.input_gate_bias.float(), rglru.recurrent_gate_weight,
             rglru.recurrent_gate_bias.float(), rglru.recurrent_param.float(), h0, layout.positions[:, 0],
         )
@@ -221,7 +229,7 @@ def test_rglru_step_kernel_equals_the_plain_recurrence(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_step_kernel_equals_the_plain_convolution(dtype):
+def test_conv_step_kernel_equals_the_plain_convolution(native, dtype):
     """One decoding step of the convolution (as the Decoder runs it) against the module's torch operations.
 
     Rows at positions 0, 1, 2 see none, one and two of the 3 taps; the row at 9 sees all."""
@@ -237,7 +245,7 @@ def test_conv_step_kernel_equals_the_plain_convolution(dtype):
     layout = TokenLayout.of_step(torch.tensor([[0], [1], [2], [9]]))
     with torch.no_grad():
         new_taps = taps.clone()  # shifted in place
-        out = kernels().conv_step(
+        out = native.conv_step(
             x[:, 0], new_taps, conv.weight.float()[:, 0], conv.bias.float(), layout.positions[:, 0]
         )
         expected_out, expected_taps = conv(x, layout, taps.clone())
@@ -246,7 +254,7 @@ def test_conv_step_kernel_equals_the_plain_convolution(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_step_kernel_equals_the_plain_attention(dtype):
+def test_attention_step_kernel_equals_the_plain_attention(native, dtype):
     """One decoding step of local attention (as the Decoder runs it) against the module's torch operations.
 
     Row 0 is past the window (the slot it overwrites is still visible), row 1
@@ -272,7 +280,7 @@ def test_attention_step_kernel_equals_the_plain_attention(dtype):
     with torch.no_grad():
         fused = AttentionState(*(t.clone() for t in (state.k, state.v, state.pos)))
         project = lambda linear: linear(x)[:, 0].float().contiguous()  # noqa: E731  (B, out)
-        out = kernels().attention_step(
+        out = native.attention_step(
             project(attention.q_proj).view(4, config.num_heads, head_dim), project(attention.k_proj),
             project(attention.v_proj), fused.k, fused.v, fused.pos, layout.positions[:, 0],
             rope_frequencies(head_dim, config.rope_base, x.device), head_dim**-0.5,
