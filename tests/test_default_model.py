@@ -42,5 +42,6 @@ def test_info_describes_the_default_model():
     assert "embedded default" in result.stdout and "RRARRARRA" in result.stdout
     # How this machine serves it, as `rgemma.prepare` decides (bf16 weights: float32 activations unless the
     # CPU computes bf16 natively).
-    assert re.search(r"^backend +cpu on cpu: activations in (float32|bfloat16), decode steps (native, kernels [a-z0-9-]+|plain)$",
-                     result.stdout, re.MULTILINE), result.stdout
+    backend = (r"^backend +cpu on cpu: activations in (float32|bfloat16), "
+               r"decode steps (native, kernels [a-z0-9-]+|plain)$")
+    assert re.search(backend, result.stdout, re.MULTILINE), result.stdout

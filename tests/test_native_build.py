@@ -41,7 +41,11 @@ def start_build(root: Path, source: Path, include: Path, go: Path) -> subprocess
 
 
 def finish(child: subprocess.Popen, timeout: float = 300) -> None:
-    _, errors = child.communicate(timeout=timeout)
+    try:
+        _, errors = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()  # a build waiting for ever would outlive the test
+        raise
     assert child.returncode == 0, errors
 
 
