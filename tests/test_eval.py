@@ -141,3 +141,19 @@ def test_bad_documents_name_their_line(model, tokenizer, tmp_path):
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"txt": "typo"}) + "\n")
     with pytest.raises(ValueError, match='doc.jsonl:2: expected an object with "text"'):
         evaluate_file(model, tokenizer, path)
+
+
+def test_bad_utf8_is_named_with_its_file_and_line(model, tokenizer, tmp_path, capsys):
+    path = tmp_path / "doc.jsonl"
+    path.write_bytes(json.dumps({"text": "fine"}).encode() + b'\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="doc.jsonl:2: 'utf-8' codec can't decode byte 0xe9"):
+        evaluate_file(model, tokenizer, path)
+    path.write_bytes(b'{"context": "caf\xe9", "choices": ["a", "b"], "answer": 0}\n')
+    with pytest.raises(ValueError, match="doc.jsonl:1: 'utf-8' codec"):
+        score_choices(model, tokenizer, path)
+    assert main(["eval", "--data", str(path)]) == 1  # the command's own look at the first line too
+    assert "doc.jsonl:1: 'utf-8' codec" in capsys.readouterr().err
+    text = tmp_path / "doc.txt"
+    text.write_bytes(b"plain words and then caf\xe9\n")
+    with pytest.raises(ValueError, match="doc.txt: not UTF-8 text"):
+        evaluate_file(model, tokenizer, text)

@@ -25,11 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _is_multiple_choice(path: Path) -> bool:
     if path.suffix != ".jsonl":
         return False
-    with open(path, encoding="utf-8") as lines:
-        first = next((line for line in lines if line.strip()), "")
+    with open(path, "rb") as lines:
+        first = next((line for line in lines if line.strip()), b"")
     try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
+        record = json.loads(first.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return False  # reported with its line number by the reader
     return isinstance(record, dict) and "choices" in record
 

@@ -12,7 +12,7 @@ Rows are packed whole documents (first fit, in file order), each document
 starting at position 0 so that the model resets its state there and no
 document sees another; a conversation is never split across rows, and the
 rest of a row is a masked padding document. A document longer than a row is
-an error, as is a malformed line (named by its number).
+an error, as is a malformed line: each named by its line number.
 
 Shapes: R rows, T row length.
 """
@@ -63,24 +63,29 @@ def render_text(tokenizer: Tokenizer, text: str) -> Document:
     return Document(ids, [False] + [True] * (len(ids) - 1))
 
 
-def read_documents(path: str | os.PathLike, tokenizer: Tokenizer) -> list[Document]:
-    """Every line of a JSONL file as a Document; a bad line is an error naming the file and line."""
+def read_documents(path: str | os.PathLike, tokenizer: Tokenizer, max_length: int | None = None) -> list[Document]:
+    """Every line of a JSONL file as a Document; a bad line, or a document of more than `max_length` tokens,
+    is an error naming the file and line."""
     path = Path(path)
     documents = []
-    with open(path, encoding="utf-8") as lines:
+    with open(path, "rb") as lines:  # decoded line by line, so that bad UTF-8 is reported with its line
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
                 if isinstance(record, dict) and "messages" in record:
-                    documents.append(render_chat(tokenizer, record["messages"]))
+                    document = render_chat(tokenizer, record["messages"])
                 elif isinstance(record, dict) and isinstance(record.get("text"), str):
-                    documents.append(render_text(tokenizer, record["text"]))
+                    document = render_text(tokenizer, record["text"])
                 else:
                     raise ValueError('expected an object with "messages" (a list) or "text" (a string)')
-            except (json.JSONDecodeError, ValueError, TypeError, KeyError) as error:
+            except (json.JSONDecodeError, ValueError, TypeError, KeyError) as error:  # UnicodeDecodeError too
                 raise ValueError(f"{path}:{number}: {error}") from None
+            if max_length is not None and len(document.ids) > max_length:
+                raise ValueError(f"{path}:{number}: {len(document.ids)} tokens, more than a row of {max_length} "
+                                 "(raise --seq-len, or shorten it)")
+            documents.append(document)
     if not documents:
         raise ValueError(f"{path}: no documents")
     return documents
@@ -134,4 +139,4 @@ def pack(documents: list[Document], length: int, pad_id: int, source: str = "dat
 
 def load_rows(path: str | os.PathLike, tokenizer: Tokenizer, length: int) -> Rows:
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id  # any id: padding is masked
-    return pack(read_documents(path, tokenizer), length, pad_id, source=str(path))
+    return pack(read_documents(path, tokenizer, max_length=length), length, pad_id, source=str(path))

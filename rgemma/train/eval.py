@@ -69,12 +69,12 @@ class Piece:
 
 def _pieces(path: Path, tokenizer: Tokenizer) -> Iterator[Piece]:
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as lines:
+        with open(path, "rb") as lines:  # decoded line by line, so that bad UTF-8 is reported with its line
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode("utf-8"))
                     if isinstance(record, dict) and isinstance(record.get("text"), str):
                         ids = tokenizer.encode(record["text"], bos=True)
                         yield Piece(ids, [False] + [True] * (len(ids) - 1), len(record["text"].encode()), True)
@@ -84,16 +84,19 @@ def _pieces(path: Path, tokenizer: Tokenizer) -> Iterator[Piece]:
                         yield Piece(document.ids, document.trained, sum(len(r.encode()) for r in replies), True)
                     else:
                         raise ValueError('expected an object with "text" (a string) or "messages" (a list)')
-                except (json.JSONDecodeError, ValueError, TypeError, KeyError) as error:
+                except (json.JSONDecodeError, ValueError, TypeError, KeyError) as error:  # UnicodeDecodeError too
                     raise ValueError(f"{path}:{number}: {error}") from None
         return
     first = True
     with open(path, encoding="utf-8") as text:
         while True:
-            block = text.read(TEXT_BLOCK_CHARS)
+            try:
+                block = text.read(TEXT_BLOCK_CHARS)
+                block += text.readline()  # end the block at a line break
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}: not UTF-8 text ({error})") from None
             if not block:
                 return
-            block += text.readline()  # end the block at a line break
             ids = tokenizer.encode(block, bos=first)
             yield Piece(ids, [not (first and i == 0) for i in range(len(ids))], len(block.encode()), first)
             first = False
@@ -186,13 +189,13 @@ def score_choices(model: Griffin, tokenizer: Tokenizer, path: str | os.PathLike)
     path = Path(path)
     right = right_per_byte = 0
     all_scores = []
-    with open(path, encoding="utf-8") as lines:
+    with open(path, "rb") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
+                record = json.loads(line.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise ValueError(f"{path}:{number}: {error}") from None
             context, choices, answer = _question(record, f"{path}:{number}")
             scores = choice_log_likelihoods(model, tokenizer, context, choices)
