@@ -136,8 +136,15 @@ def test_bad_lines_name_their_number(tmp_path, tokenizer, line, message):
         read_documents(path, tokenizer)
 
 
+def test_bad_utf8_names_its_line(tmp_path, tokenizer):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(json.dumps({"text": "fine"}).encode() + b"\n{\"text\": \"caf\xe9\"}\n")
+    with pytest.raises(ValueError, match="train.jsonl:2: 'utf-8' codec can't decode byte 0xe9"):
+        read_documents(path, tokenizer)
+
+
 def test_a_conversation_longer_than_a_row_is_an_error(data, tokenizer):
-    with pytest.raises(ValueError, match="document 1 has 2[0-9] tokens, more than a row of 8"):
+    with pytest.raises(ValueError, match="train.jsonl:1: 2[0-9] tokens, more than a row of 8"):
         load_rows(data, tokenizer, 8)
     with pytest.raises(ValueError, match="more than a row"):
         pack([Document([1] * 9, [True] * 9)], 8, pad_id=0)
@@ -200,16 +207,18 @@ def test_accumulation_and_checkpointing_leave_the_step_unchanged(tmp_path, one_t
     assert log_entries(runs["recomputed"], "loss") == pytest.approx(log_entries(runs["whole"], "loss"), rel=1e-6)
 
 
-def test_interrupted_and_resumed_run_has_the_same_curve(data, tmp_path, one_thread):
-    """Dropout draws from the RNG, which the checkpoint saves."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_and_resumed_run_has_the_same_curve(data, tmp_path, stop, one_thread):
+    """Ctrl-C and SIGTERM (kill, a scheduler) both end the run after the step with a checkpoint; dropout draws
+    from the RNG, which the checkpoint saves."""
     changes = dict(lora_dropout=0.1, steps=8, checkpoint_every=3)
     straight = finetune(settings(data, tmp_path / "a", **changes))
 
-    def ctrl_c(step, loss):
+    def interrupt(step, loss):
         if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), stop)
 
-    first = finetune(settings(data, tmp_path / "b", **changes), on_step=ctrl_c)
+    first = finetune(settings(data, tmp_path / "b", **changes), on_step=interrupt)
     assert first.interrupted and first.step == 5 and not (tmp_path / "b" / FINAL_DIR).exists()
     second = finetune(settings(data, tmp_path / "b", **changes))
     assert second.step == 8 and log_losses(tmp_path / "b") == log_losses(tmp_path / "a")

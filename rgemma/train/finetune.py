@@ -23,7 +23,9 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +45,7 @@ from rgemma.tokenizer import Tokenizer
 from rgemma.train.chat_data import Rows, load_rows
 from rgemma.train.distributed import World, full_state, join_world, leave_world, load_sharded, save_sharded, wrap
 from rgemma.train.finetune_settings import FinetuneSettings
-from rgemma.train.loop import interrupt_flag, learning_rate, parameter_groups
+from rgemma.train.loop import learning_rate, parameter_groups
 from rgemma.train.loss import next_token_loss
 from rgemma.train.tokens import IGNORE, batch_rows
 
@@ -199,7 +201,8 @@ def _read_checkpoint(directory: Path, settings: FinetuneSettings, world: World) 
 
 
 def finetune(settings: FinetuneSettings, on_step: Callable[[int, float], None] | None = None) -> FinetuneResult:
-    """Fine-tune, or continue the run in settings.out; returns at the end or after a Ctrl-C (checkpoint saved)."""
+    """Fine-tune, or continue the run in settings.out; returns at the end, or after a Ctrl-C or SIGTERM with
+    a checkpoint saved."""
     world = join_world(settings.device)
     try:
         return _finetune(settings, world, on_step)
@@ -256,7 +259,7 @@ def _finetune(settings: FinetuneSettings, world: World, on_step) -> FinetuneResu
     tokens_per_step = settings.batch_size * settings.seq_len
     log = open(out / LOG_FILE, "a") if world.main else None
     interrupted = False
-    with contextlib.ExitStack() as stack, interrupt_flag() as flag:
+    with contextlib.ExitStack() as stack, _stop_flag(world) as flag:
         if log is not None:
             stack.enter_context(log)
         bar = stack.enter_context(_progress(settings, step, world))
@@ -318,6 +321,36 @@ def _finetune(settings: FinetuneSettings, world: World, on_step) -> FinetuneResu
         if not interrupted:
             _export(net, model, settings, base_path, tokenizer, out / FINAL_DIR, world)
     return FinetuneResult(step, loss_value, eval_loss, interrupted, out, model)
+
+
+@contextlib.contextmanager
+def _stop_flag(world: World):
+    """flag["stop"] is set by Ctrl-C or SIGTERM (kill, a scheduler): the loop saves a checkpoint after the step.
+
+    In one process a second signal interrupts at once. Under torchrun every signal only sets the flag: a
+    Ctrl-C reaches each worker twice (from the terminal, then passed on by torchrun), and torchrun itself
+    kills the workers that outlast its --shutdown-timeout.
+    """
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield flag
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in signals}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+        if not world.distributed:
+            for number in signals:
+                signal.signal(number, previous[number])
+
+    for number in signals:
+        signal.signal(number, handler)
+    try:
+        yield flag
+    finally:
+        for number in signals:
+            signal.signal(number, previous[number])
 
 
 @contextlib.contextmanager
