@@ -713,6 +713,8 @@ def _write_directory(model: Griffin, out_dir: Path, max_shard_bytes: int, copies
                 shutil.copyfile(file, staging / file.name)
     except SafetensorError as error:  # how safetensors reports a full disk (os error 28)
         raise CheckpointError(f"{out_dir}: cannot write the checkpoint: {_first_line(error)}") from error
+    except OSError as error:  # its own message names the hidden staging directory, not the one asked for
+        raise CheckpointError(f"{out_dir}: cannot write the checkpoint: {error.strerror or error}") from error
 
 
 def convert(

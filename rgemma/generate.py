@@ -30,6 +30,8 @@ def prefill(
 
     The context is updated in place and returned.
     """
+    if not prompts:
+        raise ValueError("no prompts: give at least one")
     if context is None:
         context = Context.empty(model, len(prompts))
     if len(prompts) != context.batch_size:

@@ -21,7 +21,8 @@ def _download(repo_id: str) -> Path:
         import huggingface_hub
         from huggingface_hub.constants import HF_HUB_CACHE
     except ImportError as error:
-        raise ModelNotFound(f"{repo_id}: reading hub ids needs huggingface_hub: pip install huggingface_hub") from error
+        raise ModelNotFound(f"{repo_id}: no such directory here; reading it as a hub id needs huggingface_hub: "
+                            "pip install huggingface_hub") from error
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
     except Exception:  # not in the cache: try the network below
@@ -31,8 +32,8 @@ def _download(repo_id: str) -> Path:
     except Exception as error:  # offline, gated, unknown id: the library raises many types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFound(
-            f"{repo_id}: not in the Hugging Face cache ({HF_HUB_CACHE}) and cannot be downloaded here "
-            f"({reason}); download it where a network and your credentials allow "
+            f"{repo_id}: no such directory here, and as a hub id not in the Hugging Face cache ({HF_HUB_CACHE}) "
+            f"and cannot be downloaded ({reason}); download it where a network and your credentials allow "
             f"(huggingface-cli download {repo_id}) into that cache, or pass a local path"
         ) from error
 

@@ -216,6 +216,8 @@ def save_state(
             save_file(tensors, temporary, metadata=header)
     except SafetensorError as error:  # safetensors reports a full disk this way
         raise StateFileError(f"{path}: cannot write the state: {str(error).splitlines()[0]}") from error
+    except OSError as error:  # its own message names the hidden temporary file, not the one asked for
+        raise StateFileError(f"{path}: cannot write the state: {error.strerror or error}") from error
 
 
 def load_state(path: str | os.PathLike, model) -> tuple[State, dict[str, torch.Tensor], dict[str, str]]:

@@ -642,3 +642,117 @@ def test_a_model_giving_nan_logits_stops_generation_and_json_never_holds_nan(mod
     assert cli.main(["generate", "--model", str(broken), "--json", "Hi", "--max-tokens", "3"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "NaN or infinite logits" in err and err.count("\n") == 1
+
+
+# Found by trying each case of issue 16 again ------------------------------------------------------------------
+
+
+def test_a_closed_pipe_ends_generate_quietly(model_dir):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rgemma.cli", "generate", "--model", str(model_dir), "Hello", "--max-tokens", "300",
+         "--ignore-eos", "--temperature", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(process.stdout.read(3)) == 3  # `| head -c 3`: the reader takes 3 bytes and leaves
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 0, err
+    assert "error" not in err and "Traceback" not in err and "generated 300 tokens" not in err, err
+
+
+def test_an_empty_model_name_is_one_line_before_loading(capsys):
+    assert cli.main(["generate", "--model", "", "Hi"]) == 1
+    assert capsys.readouterr().err == ("rgemma: error: the model name is empty: give a checkpoint path or a hub id, "
+                                       "or leave --model out\n")
+
+
+def test_a_mistyped_path_that_could_be_a_hub_id_says_there_is_no_such_directory(tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def offline(repo_id, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)  # no network in the tests
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFound, match="^modls/tiny: no such directory here, and as a hub id not in"):
+        resolve_model("modls/tiny")
+
+
+def test_an_unwritable_target_is_named_not_the_hidden_temporary(model_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, where a directory is needed")
+    assert cli.main(["generate", "--model", str(model_dir), "Hi", "--max-tokens", "0", "--save-state",
+                     str(blocker / "state.safetensors")]) == 1
+    assert capsys.readouterr().err == f"rgemma: error: {blocker / 'state.safetensors'}: cannot write the state: File exists\n"
+    assert cli.main(["convert", str(model_dir), str(blocker / "out")]) == 1
+    assert capsys.readouterr().err == f"rgemma: error: {blocker / 'out'}: cannot write the checkpoint: File exists\n"
+    assert cli.main(["quantize", str(model_dir), str(blocker / "q"), "--bits", "8"]) == 1
+    assert capsys.readouterr().err.endswith(f"rgemma: error: {blocker / 'q'}: cannot write the checkpoint: File exists\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_quantize_on_a_full_disk_is_one_line_and_leaves_nothing(model_dir, tmp_path, monkeypatch, capsys):
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("rgemma.checkpoint.save_file", full)
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "q"), "--bits", "4"]) == 1
+    assert capsys.readouterr().err.endswith(f"rgemma: error: {tmp_path / 'q'}: cannot write the checkpoint: "
+                                            "SafetensorError: Error while serializing: I/O error: No space left on "
+                                            "device (os error 28)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_chat_save_on_a_full_disk_is_reported_and_the_chat_goes_on(tiny, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("rgemma.state.save_file", full)
+    chat = Chat(Engine(tiny), SamplingParams(temperature=0), max_tokens=3)
+    chat.context = prefill(tiny, [[2, 5, 7]])
+    err = io.StringIO()
+    assert chat.command(f"/save {tmp_path / 'c.safetensors'}", err)
+    assert err.getvalue() == (f"rgemma: error: {tmp_path / 'c.safetensors'}: cannot write the state: Error while "
+                              "serializing: I/O error: No space left on device (os error 28)\n")
+    assert chat.context.tokens == [[2, 5, 7]] and list(tmp_path.iterdir()) == []
+
+
+def test_prefill_of_no_prompts_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="^no prompts: give at least one$"):
+        prefill(tiny, [])
+
+
+def _train(token_file, run_dir, *extra):
+    return cli.main(["train", str(token_file), "--run-dir", str(run_dir), "--width", "16", "--heads", "1",
+                     "--seq-len", "4", "--batch-size", "1", "--no-progress", *extra])
+
+
+def test_training_stops_on_a_non_finite_loss_and_saves_nothing(token_file, tmp_path, capsys):
+    assert _train(token_file, tmp_path / "run", "--steps", "5", "--warmup", "0", "--lr", "1e30") == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"rgemma: error: step \d: the loss is nan and the gradient norm nan; stopped without saving "
+                        r"anything new; try a lower --lr\n", err), err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.jsonl"]  # no checkpoint, no export
+    assert "NaN" not in (tmp_path / "run" / "log.jsonl").read_text()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[: len(data) // 2], "cannot read the checkpoint (PytorchStreamReader failed reading zip archive"),
+    (lambda data: b"garbage", "cannot read the checkpoint (Weights only load failed)"),
+])
+def test_resuming_from_a_damaged_checkpoint_is_one_line(token_file, tmp_path, capsys, damage, message):
+    assert _train(token_file, tmp_path / "run", "--steps", "2") == 0
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.write_bytes(damage(checkpoint.read_bytes()))
+    before = checkpoint.read_bytes()
+    capsys.readouterr()
+    assert _train(token_file, tmp_path / "run", "--steps", "4") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"rgemma: error: {checkpoint}: {message}") and err.count("\n") == 1, err
+    assert err.endswith("; remove it to start the run again\n") and checkpoint.read_bytes() == before
+
+
+def test_a_checkpoint_of_something_else_is_refused(token_file, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    torch.save({"step": 3}, tmp_path / "run" / "checkpoint.pt")
+    assert _train(token_file, tmp_path / "run", "--steps", "4") == 1
+    assert capsys.readouterr().err == (f"rgemma: error: {tmp_path / 'run' / 'checkpoint.pt'}: not a checkpoint of "
+                                       "`rgemma train`; remove it to start the run again\n")

@@ -95,6 +95,22 @@ def save_checkpoint(path: Path, payload: dict):
         torch.save(payload, temporary)
 
 
+CHECKPOINT_KEYS = ("settings", "step", "loss", "best_eval_loss", "model", "optimizer", "torch_rng")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A run's checkpoint.pt, or one line saying it is damaged (a copy cut short, another file)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as error:  # torch.load raises several types on a damaged file
+        # Their messages run to paragraphs; the first sentence says what failed.
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: cannot read the checkpoint ({reason}); remove it to start the run again") from None
+    if not isinstance(saved, dict) or any(key not in saved for key in CHECKPOINT_KEYS):
+        raise ValueError(f"{path}: not a checkpoint of `rgemma train`; remove it to start the run again")
+    return saved
+
+
 def export_model(model: Griffin, directory: Path, tokenizer: str | None):
     """Write a Hugging Face directory (with the tokenizer) in place of `directory`.
 
@@ -183,7 +199,7 @@ def train(settings: TrainSettings, on_step: Callable[[int, float], None] | None 
     step, best, loss_value = 0, None, float("nan")
     checkpoint_path = run_dir / CHECKPOINT_FILE
     if checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, weights_only=True)
+        saved = read_checkpoint(checkpoint_path)
         differences = settings.trajectory_differences(saved["settings"])
         if differences:
             raise ValueError(f"{run_dir} holds a run with other settings ({'; '.join(differences)}); "
@@ -220,10 +236,14 @@ def train(settings: TrainSettings, on_step: Callable[[int, float], None] | None 
             loss = batch_loss(model, tokens, positions, targets, settings)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            loss_value = float(loss.detach())
+            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                # Before the step: nothing non-finite reaches the weights, a checkpoint or an export.
+                raise ValueError(f"step {step + 1}: the loss is {loss_value} and the gradient norm "
+                                 f"{float(grad_norm)}; stopped without saving anything new; try a lower --lr")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_value = float(loss.detach())
             elapsed = time.perf_counter() - started
             tokens_per_s = (step - started_step) * tokens_per_step / elapsed
             if bar is not None:
