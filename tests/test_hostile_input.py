@@ -756,3 +756,23 @@ def test_a_checkpoint_of_something_else_is_refused(token_file, tmp_path, capsys)
     assert _train(token_file, tmp_path / "run", "--steps", "4") == 1
     assert capsys.readouterr().err == (f"rgemma: error: {tmp_path / 'run' / 'checkpoint.pt'}: not a checkpoint of "
                                        "`rgemma train`; remove it to start the run again\n")
+
+
+def test_sigterm_while_training_saves_a_checkpoint_like_ctrl_c(token_file, tmp_path):
+    from rgemma.train import model_config, train
+
+    def kill_at_step_2(step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    settings = rgemma.train.TrainSettings(str(token_file), str(tmp_path / "run"),
+                                          model_config(rgemma.Config.preset("tiny"), 16, width=16, heads=1),
+                                          steps=6, batch_size=1, seq_len=4, checkpoint_every=100, progress=False)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as `rgemma` sets it
+    try:
+        result = train(settings, on_step=kill_at_step_2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.interrupted and result.step == 2
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "run" / "final").exists()

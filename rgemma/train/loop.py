@@ -126,7 +126,8 @@ def export_model(model: Griffin, directory: Path, tokenizer: str | None):
 
 @contextlib.contextmanager
 def interrupt_flag() -> Iterator[dict]:
-    """The first Ctrl-C sets flag["stop"] (the loop saves and exits); a second one interrupts at once."""
+    """The first Ctrl-C or SIGTERM (`kill`, a scheduler's stop) sets flag["stop"] (the loop saves and exits);
+    a second one interrupts at once."""
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield flag
@@ -134,13 +135,17 @@ def interrupt_flag() -> Iterator[dict]:
 
     def handler(signum, frame):
         flag["stop"] = True
-        signal.signal(signal.SIGINT, previous)
+        restore()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def restore():
+        for number, before in previous.items():
+            signal.signal(number, before)
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore()
 
 
 # The loop -------------------------------------------------------------------
