@@ -776,3 +776,20 @@ def test_sigterm_while_training_saves_a_checkpoint_like_ctrl_c(token_file, tmp_p
     assert result.interrupted and result.step == 2
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_tokenize_never_writes_onto_its_inputs_and_replaces_a_file_only_with_force(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "fine"}\n')
+    tokenizer = shutil.copyfile(DEFAULT_MODEL / "tokenizer.model", tmp_path / "tokenizer.model")
+    before = {path: path.read_bytes() for path in (corpus, tokenizer)}
+    for out, message in ((corpus, "is the corpus this command reads"), (tokenizer, "is the tokenizer this command reads")):
+        assert cli.main(["tokenize", str(corpus), str(out), "--tokenizer", str(tokenizer), "--force"]) == 1
+        assert capsys.readouterr().err == f"rgemma: error: {out}: {message}; will not overwrite it\n"
+    out = tmp_path / "tokens.bin"
+    out.write_text("precious")
+    assert cli.main(["tokenize", str(corpus), str(out), "--tokenizer", str(tokenizer)]) == 1
+    assert capsys.readouterr().err == f"rgemma: error: {out}: already exists; will not overwrite it without --force\n"
+    assert out.read_text() == "precious" and before == {path: path.read_bytes() for path in before}
+    assert cli.main(["tokenize", str(corpus), str(out), "--tokenizer", str(tokenizer), "--force"]) == 0
+    assert len(rgemma.train.TokenFile.open(out)) == len(Tokenizer(tokenizer).encode("fine", bos=True)) + 1
