@@ -793,3 +793,14 @@ def test_tokenize_never_writes_onto_its_inputs_and_replaces_a_file_only_with_for
     assert out.read_text() == "precious" and before == {path: path.read_bytes() for path in before}
     assert cli.main(["tokenize", str(corpus), str(out), "--tokenizer", str(tokenizer), "--force"]) == 0
     assert len(rgemma.train.TokenFile.open(out)) == len(Tokenizer(tokenizer).encode("fine", bos=True)) + 1
+
+
+def test_train_in_the_library_refuses_held_out_data_without_a_row(token_file, tmp_path):
+    from rgemma.train import model_config, train
+
+    settings = rgemma.train.TrainSettings(str(token_file), str(tmp_path / "run"),
+                                          model_config(rgemma.Config.preset("tiny"), 16, width=16, heads=1),
+                                          eval_data=str(token_file), steps=2, batch_size=1, seq_len=8, progress=False)
+    with pytest.raises(ValueError, match=r"t.bin: fewer than 9 tokens, not one row of 8 to evaluate on$"):
+        train(settings)
+    assert not (tmp_path / "run").exists()

@@ -192,6 +192,9 @@ def train(settings: TrainSettings, on_step: Callable[[int, float], None] | None 
     config = settings.model
     if data.vocab_size != config.vocab_size:
         raise ValueError(f"{data.path}: vocabulary of {data.vocab_size} tokens, the model has {config.vocab_size}")
+    if eval_data is not None and eval_data.num_rows(settings.seq_len) == 0:  # its loss would read 0.0, the best
+        raise ValueError(f"{eval_data.path}: fewer than {settings.seq_len + 1} tokens, not one row of "
+                         f"{settings.seq_len} to evaluate on")
     num_rows = data.num_rows(settings.seq_len)
     if num_rows < settings.batch_size:
         raise ValueError(f"{data.path}: {len(data)} tokens make {num_rows} rows of {settings.seq_len}, "
