@@ -441,11 +441,14 @@ def test_int4_groups_that_would_bloat_the_model_are_refused(model_dir, tmp_path,
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"text": 5}', "corpus.jsonl:2: the text field is a int, not a string"),
-    ('{"text": ["a"]}', "corpus.jsonl:2: the text field is a list"),
-    ('{"text": {"a": 1}}', "corpus.jsonl:2: the text field is a dict"),
+    ('{"text": 5}', "corpus.jsonl:2: the text field is a number, not a string"),
+    ('{"text": ["a"]}', "corpus.jsonl:2: the text field is a list, not a string"),
+    ('{"text": {"a": 1}}', "corpus.jsonl:2: the text field is an object, not a string"),
+    ('{"text": null}', "corpus.jsonl:2: the text field is null, not a string"),
     ('{"text": "\\ud800"}', "corpus.jsonl:2: the text is not valid Unicode"),
-    ('[1, 2]', "corpus.jsonl:2: not a JSON object with a text field"),
+    ('[1, 2]', "corpus.jsonl:2: not a JSON object with a text field\n"),
+    ('{"txt": "a"}', "corpus.jsonl:2: not a JSON object with a text field\n"),
+    ('{"text": "a"', "corpus.jsonl:2: not JSON (Expecting ',' delimiter"),
 ])
 def test_tokenize_names_the_line_of_a_bad_document(tmp_path, capsys, line, message):
     corpus = tmp_path / "corpus.jsonl"

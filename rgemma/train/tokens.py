@@ -136,6 +136,11 @@ def write_token_file(out: str | os.PathLike, documents: Iterator[list[int]], voc
     return out
 
 
+# What json.loads returns for each JSON value, named as JSON names it.
+JSON_TYPES = {bool: "true or false", int: "a number", float: "a number", list: "a list", dict: "an object",
+              type(None): "null"}
+
+
 def tokenize_corpus(jsonl: str | os.PathLike, tokenizer, out: str | os.PathLike) -> Path:
     """Tokenize JSON lines {"source", "id", "text"} (one document each) into a token file.
 
@@ -149,11 +154,14 @@ def tokenize_corpus(jsonl: str | os.PathLike, tokenizer, out: str | os.PathLike)
                 if not line.strip():
                     continue
                 try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise ValueError(f"{jsonl}:{number}: not a JSON object with a text field ({error})") from None
+                    document = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{jsonl}:{number}: not JSON ({error})") from None
+                if not isinstance(document, dict) or "text" not in document:
+                    raise ValueError(f"{jsonl}:{number}: not a JSON object with a text field")
+                text = document["text"]
                 if not isinstance(text, str):
-                    raise ValueError(f"{jsonl}:{number}: the text field is a {type(text).__name__}, not a string")
+                    raise ValueError(f"{jsonl}:{number}: the text field is {JSON_TYPES[type(text)]}, not a string")
                 if not text:
                     continue
                 try:
