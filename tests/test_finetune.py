@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 import rgemma
 from rgemma.cli import main
 from rgemma.hub import DEFAULT_MODEL
-from rgemma.lora import load_adapter
+from rgemma.lora import LoraSettings, adapter_parameters, add_lora, load_adapter
 from rgemma.tokenizer import Tokenizer, chat_prompt
 from rgemma.train import IGNORE, next_token_loss
 from rgemma.train.chat_data import Document, load_rows, pack, read_documents, render_chat, render_text
@@ -171,6 +173,11 @@ def test_lora_learns_a_chat_task_and_leaves_the_base_alone(data, tmp_path, capsy
         assert main(["generate", "--chat", "--adapter", str(out / FINAL_DIR), "--temperature", "0",
                      "--max-tokens", "6", "--json", f"What is the secret word for {colour}?"]) == 0
         assert json.loads(capsys.readouterr().out)["text"].strip() == answer
+    # And in `rgemma chat` (serve: tests/test_server.py).
+    chat = subprocess.run([sys.executable, "-m", "rgemma.cli", "chat", "--adapter", str(out / FINAL_DIR),
+                           "--temperature", "0", "--max-tokens", "6"], input="What is the secret word for blue?\n",
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and chat.stdout.strip() == SECRETS["blue"], chat.stderr
 
 
 def test_full_finetuning_writes_a_model_that_loads(data, tmp_path, one_thread):
@@ -183,6 +190,46 @@ def test_full_finetuning_writes_a_model_that_loads(data, tmp_path, one_thread):
     with torch.no_grad():
         torch.testing.assert_close(exported(seq)[0], result.model.eval()(seq)[0], rtol=0, atol=0)
         assert not torch.allclose(exported(seq)[0], rgemma.load_model(DEFAULT_MODEL, dtype=torch.float32)(seq)[0])
+    # From a float32 file (whose tensors may load as views of its memory map): the file is left as it was.
+    weights = out / FINAL_DIR / "model.safetensors"
+    before = weights.read_bytes()
+    again = finetune(settings(data, tmp_path / "again", model=str(out / FINAL_DIR), lora_rank=0, steps=2, lr=1e-4))
+    assert weights.read_bytes() == before
+    with torch.no_grad():
+        assert not torch.allclose(again.model.eval()(seq)[0], exported(seq)[0])
+
+
+def test_decay_groups_as_in_pre_training():
+    """Full fine-tuning decays the linear maps' matrices only (not the recurrence, norms, biases or the
+    embedding), as `rgemma train` does; LoRA decays its factors, the only parameters it trains."""
+    from rgemma.train import decayed_parameters
+    from rgemma.train.finetune import _optimizer
+
+    model = rgemma.load_model(DEFAULT_MODEL, dtype=torch.float32)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = _optimizer(model, settings("x", "y", lora_rank=0, weight_decay=0.1)).param_groups
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    plain = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed == decayed_parameters(model.config) and decayed | plain == set(names.values())
+    assert "layers.0.temporal_block.rg_lru.recurrent_param" in plain and "embed_tokens.weight" in plain
+    add_lora(model, LoraSettings(rank=2))
+    (group,) = _optimizer(model, settings("x", "y", weight_decay=0.1)).param_groups
+    assert group["weight_decay"] == 0.1 and {id(p) for p in group["params"]} == {
+        id(p) for p in adapter_parameters(model)}
+
+
+def test_bfloat16_autocast(data, tmp_path, one_thread):
+    """--dtype bfloat16 computes under autocast (the loss moves by bf16 rounding only); auto chooses it
+    where the CPU computes bf16 natively."""
+    from rgemma.backends.base import Options
+    from rgemma.train.finetune import autocast_dtype
+
+    first = {dtype: log_losses(finetune(settings(data, tmp_path / dtype, steps=1, dtype=dtype)).out)[0]
+             for dtype in ("float32", "bfloat16")}
+    assert first["bfloat16"] != first["float32"] and first["bfloat16"] == pytest.approx(first["float32"], rel=2e-2)
+    cpu = torch.device("cpu")
+    assert autocast_dtype("float32", cpu) is None and autocast_dtype("bfloat16", cpu) == torch.bfloat16
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if Options().resolved().native_bf16 else None)
 
 
 def log_entries(out, key):
