@@ -228,6 +228,8 @@ def load_state(path: str | os.PathLike, model) -> tuple[State, dict[str, torch.T
     (names, shapes, dtypes), finite, and its positions in range.
     """
     path = Path(path)
+    if path.is_dir():  # safetensors would say "No such device"
+        raise StateFileError(f"{path}: is a directory, not a state file")
     try:
         with safe_open(path, framework="pt") as handle:
             header = handle.metadata() or {}

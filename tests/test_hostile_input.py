@@ -206,7 +206,7 @@ def test_chat_load_of_a_damaged_file_is_reported_and_the_chat_goes_on(tiny, stat
     assert chat.command(f"/load {tmp_path}", err)  # a directory
     lines = err.getvalue().splitlines()
     assert len(lines) == 3 and all(line.startswith("rgemma: error: ") for line in lines)
-    assert "position holds values outside" in lines[0]
+    assert "position holds values outside" in lines[0] and lines[2].endswith(": is a directory, not a state file")
     assert chat.context.tokens == [list(range(2, 22))]  # the conversation so far is kept
 
 
