@@ -85,7 +85,10 @@ class Chat:
                     print(f"rgemma: error: {error}", file=err)
         elif name == "/load":
             try:
-                self.context = Context.load(argument, self.model)
+                context = Context.load(argument, self.model)
+                if context.batch_size != 1:  # else the next turn fails, and ends the chat
+                    raise ValueError(f"{argument}: holds {context.batch_size} rows; a chat continues one")
+                self.context = context
                 print(f"(loaded {argument}: {len(self.context.tokens[0])} tokens)", file=err)
             except (ValueError, OSError) as error:  # the conversation so far is kept
                 print(f"rgemma: error: {error}", file=err)

@@ -204,8 +204,12 @@ def test_chat_load_of_a_damaged_file_is_reported_and_the_chat_goes_on(tiny, stat
     err = io.StringIO()
     assert chat.command(f"/load {bad}", err) and chat.command(f"/load {tmp_path / 'absent'}", err)
     assert chat.command(f"/load {tmp_path}", err)  # a directory
+    two = tmp_path / "two.safetensors"
+    prefill(tiny, [[2, 5], [2, 6]]).save(two, tiny)
+    assert chat.command(f"/load {two}", err)  # the next turn would fail, and end the chat
     lines = err.getvalue().splitlines()
-    assert len(lines) == 3 and all(line.startswith("rgemma: error: ") for line in lines)
+    assert len(lines) == 4 and all(line.startswith("rgemma: error: ") for line in lines)
+    assert lines[3] == f"rgemma: error: {two}: holds 2 rows; a chat continues one"
     assert "position holds values outside" in lines[0] and lines[2].endswith(": is a directory, not a state file")
     assert chat.context.tokens == [list(range(2, 22))]  # the conversation so far is kept
 
@@ -659,6 +663,14 @@ def test_a_closed_pipe_ends_generate_quietly(model_dir):
     err = process.stderr.read().decode()
     assert process.wait(timeout=300) == 0, err
     assert "error" not in err and "Traceback" not in err and "generated 300 tokens" not in err, err
+
+
+def test_generate_refuses_a_state_of_several_rows(model_dir, tmp_path, capsys):
+    two = tmp_path / "two.safetensors"
+    model = load_model(model_dir)
+    prefill(model, [[2, 5], [2, 6]]).save(two, model)
+    assert cli.main(["generate", "--model", str(model_dir), "--state", str(two), "Hi", "--max-tokens", "2"]) == 1
+    assert capsys.readouterr().err == f"rgemma: error: {two}: holds 2 rows; generate continues one\n"
 
 
 def test_an_empty_model_name_is_one_line_before_loading(capsys):

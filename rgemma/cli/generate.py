@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> None:
     if args.save_state:
         check_target(args.save_state, args.force, protected)
     context = Context.load(args.state, model) if args.state else None
+    if context is not None and context.batch_size != 1:
+        raise ValueError(f"{args.state}: holds {context.batch_size} rows; generate continues one")
     if args.chat:
         if context is not None:
             raise ValueError("--chat formats a new conversation; continue a saved chat with `rgemma chat` and /load")
