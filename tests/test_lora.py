@@ -180,7 +180,7 @@ def test_generation_with_an_adapter_equals_the_merged_model_on_the_cpu_fast_path
     assert base_tokens != adapted_tokens
 
 
-def test_merge_command_and_generate_with_adapter(default_with_adapter, tmp_path, capsys):
+def test_merge_command_and_generate_and_eval_with_adapter(default_with_adapter, tmp_path, capsys):
     _, adapter = default_with_adapter
     out = tmp_path / "merged"
     assert main(["merge", str(DEFAULT_MODEL), str(adapter), str(out)]) == 0
@@ -203,6 +203,16 @@ def test_merge_command_and_generate_with_adapter(default_with_adapter, tmp_path,
     from_adapter = generate("--adapter", str(adapter))
     assert from_adapter == generate("--model", str(tmp_path / "merged32"))
     assert from_adapter != generate()
+
+    def evaluate(*extra):
+        assert main(["eval", "--data", str(document), "--json", "--dtype", "float32", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["loss"]
+
+    document = tmp_path / "doc.jsonl"
+    document.write_text(json.dumps({"text": "Once upon a time a fox lived by the river."}) + "\n")
+    with_adapter = evaluate("--adapter", str(adapter))
+    assert with_adapter == pytest.approx(evaluate("--model", str(tmp_path / "merged32")), rel=1e-5)
+    assert with_adapter != pytest.approx(evaluate(), rel=1e-3)
 
 
 def test_adapter_errors(tmp_path, tiny):
