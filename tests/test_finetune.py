@@ -286,6 +286,21 @@ def test_resume_refuses_other_settings_and_damaged_checkpoints(data, tmp_path, o
         finetune(settings(data, out, steps=2))
 
 
+def test_a_crash_while_the_checkpoint_is_replaced_loses_nothing(data, tmp_path, one_thread):
+    """Between the two renames that replace checkpoint/, the previous one lies aside: the next run puts it
+    back, and removes what an unfinished save left."""
+    out = tmp_path / "run"
+    finetune(settings(data, out, steps=4, checkpoint_every=2))
+    losses = log_losses(out)
+    (out / CHECKPOINT_DIR).rename(out / f".{CHECKPOINT_DIR}.old-0a1b2c3d")
+    (out / f".{CHECKPOINT_DIR}.tmp-123").mkdir()  # a save cut short
+    (out / f".{CHECKPOINT_DIR}.tmp-123" / "__0_0.distcp").write_bytes(b"partial")
+    trained = []
+    result = finetune(settings(data, out, steps=4, checkpoint_every=2), on_step=lambda step, loss: trained.append(step))
+    assert result.step == 4 and not trained and log_losses(out) == losses  # resumed at the end
+    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT_DIR, FINAL_DIR, "log.jsonl"]
+
+
 def test_a_non_finite_loss_stops_the_run_and_saves_nothing(data, tmp_path, one_thread):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="step [0-9]+: the loss is nan") as error:

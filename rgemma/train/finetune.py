@@ -230,6 +230,9 @@ def _finetune(settings: FinetuneSettings, world: World, on_step) -> FinetuneResu
     optimizer = _optimizer(model, settings)
     step, loss_value, eval_loss = 0, float("nan"), None
     checkpoint_dir = out / CHECKPOINT_DIR
+    if world.main:
+        _tidy_checkpoints(checkpoint_dir)
+    world.barrier()
     if checkpoint_dir.exists():
         meta = _read_checkpoint(checkpoint_dir, settings, world)
         try:
@@ -403,6 +406,20 @@ def _replace_directory(staging: Path, target: Path):
     with atomic_directory(target, replace=True) as fresh:
         fresh.rmdir()
         staging.rename(fresh)
+
+
+def _tidy_checkpoints(checkpoint_dir: Path):
+    """Before a run starts: put back a checkpoint that a crash left aside, and remove unfinished ones.
+
+    Replacing checkpoint/ takes two renames (rgemma/_io.py: the old one aside, the new one in): a crash
+    between them leaves no checkpoint/ but the previous one whole beside it. A run stopped while saving
+    leaves its staging directory, as large as a checkpoint.
+    """
+    aside = sorted(checkpoint_dir.parent.glob(f".{checkpoint_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not checkpoint_dir.exists() and aside and (aside[-1] / META_FILE).is_file():
+        aside.pop().rename(checkpoint_dir)
+    for leftover in aside + list(checkpoint_dir.parent.glob(f".{checkpoint_dir.name}.tmp-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _truncate_log(path: Path, step: int):
