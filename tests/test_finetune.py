@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -309,6 +310,12 @@ def test_a_non_finite_loss_stops_the_run_and_saves_nothing(data, tmp_path, one_t
     assert failed > 1 and not (out / FINAL_DIR).exists()
     # The checkpoint is the last finite step's: nothing of the failed step was saved.
     assert torch.load(out / CHECKPOINT_DIR / META_FILE, weights_only=True)["step"] == failed - 1
+
+
+def test_progress_bar_shows_loss_speed_and_time_left(data, tmp_path, capsys, one_thread):
+    finetune(settings(data, tmp_path / "run", steps=2, progress=True))
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert re.search(r"fine-tuning: 100%.* 2/2 \[\d+:\d+<\d+:\d+, .*loss=\d+\.\d+, tok_s=\d+\]", bar), bar
 
 
 def test_command_line(data, tmp_path, capsys, one_thread):
