@@ -45,7 +45,7 @@ from rgemma.tokenizer import Tokenizer
 from rgemma.train.chat_data import Rows, load_rows
 from rgemma.train.distributed import World, full_state, join_world, leave_world, load_sharded, save_sharded, wrap
 from rgemma.train.finetune_settings import FinetuneSettings
-from rgemma.train.loop import learning_rate, parameter_groups
+from rgemma.train.loop import interrupt_flag, learning_rate, parameter_groups
 from rgemma.train.loss import next_token_loss
 from rgemma.train.tokens import IGNORE, batch_rows
 
@@ -326,34 +326,32 @@ def _finetune(settings: FinetuneSettings, world: World, on_step) -> FinetuneResu
     return FinetuneResult(step, loss_value, eval_loss, interrupted, out, model)
 
 
-@contextlib.contextmanager
-def _stop_flag(world: World):
+def _stop_flag(world: World) -> contextlib.AbstractContextManager[dict]:
     """flag["stop"] is set by Ctrl-C or SIGTERM (kill, a scheduler): the loop saves a checkpoint after the step.
 
-    In one process a second signal interrupts at once. Under torchrun every signal only sets the flag: a
-    Ctrl-C reaches each worker twice (from the terminal, then passed on by torchrun), and torchrun itself
-    kills the workers that outlast its --shutdown-timeout.
+    In one process a second signal interrupts at once (loop.interrupt_flag). Under torchrun every signal
+    only sets the flag: a terminal's Ctrl-C reaches each worker twice (from the terminal, then passed on
+    by torchrun), and torchrun itself kills workers that outlast its --shutdown-timeout.
     """
+    return _every_signal_sets_the_flag() if world.distributed else interrupt_flag()
+
+
+@contextlib.contextmanager
+def _every_signal_sets_the_flag():
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield flag
         return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.getsignal(number) for number in signals}
 
     def handler(signum, frame):
         flag["stop"] = True
-        if not world.distributed:
-            for number in signals:
-                signal.signal(number, previous[number])
 
-    for number in signals:
-        signal.signal(number, handler)
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        for number in signals:
-            signal.signal(number, previous[number])
+        for number, before in previous.items():
+            signal.signal(number, before)
 
 
 @contextlib.contextmanager
