@@ -185,7 +185,8 @@ def test_native_linear_widens_narrow_weights_a_slice_at_a_time(monkeypatch):
     expected = F.linear(x, linear.weight.float(), linear.bias.float())
     torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5)
     decode = x[:, :1]  # 2 rows: the native kernel
-    torch.testing.assert_close(linear(decode), expected[:, :1], rtol=1e-5, atol=1e-5)
+    # Where it takes bf16 dot products, the activations meet the weights as two bf16 parts: 16 bits, not 24.
+    close(linear(decode), expected[:, :1], rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
