@@ -2,6 +2,7 @@
 skipped with the flags it lacks named (rgemma/backends/native.py)."""
 
 import pytest
+import torch
 
 from rgemma.backends import native
 
@@ -10,3 +11,11 @@ LEVELS = [
         bool(native.missing_flags(level)), reason=f"level {level}: this CPU lacks {' '.join(native.missing_flags(level))}"))
     for level in native.LEVELS
 ]
+
+
+def step_tolerance(dtype: torch.dtype, level: str | None = None) -> float:
+    """The relative error a native decode step may have against the float32 forward at `level` (default: the
+    process's): 1e-5, or 1e-4 for bf16 weights where they take bf16 dot products with the activations in 16
+    bits (about 2e-5 measured)."""
+    level = level or native.chosen_level()
+    return 1e-4 if dtype == torch.bfloat16 and level is not None and native.LEVELS[level].bf16_dot else 1e-5

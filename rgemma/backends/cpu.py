@@ -142,8 +142,32 @@ def _quantized_product(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor
     return kernels(module.level).int4_linear(x, module.qweight, module.scale, module.minimum, module.group_size)
 
 
+class NativeRGLRU(RGLRU):
+    """The RG-LRU whose prompts (several steps, no autograd) take one native pass for the element-wise steps and
+    the recurrence; the gates' products stay with torch's batched GEMM."""
+
+    level: str | None = None
+
+    def forward(self, x: torch.Tensor, layout, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        trains = torch.is_grad_enabled() and (x.requires_grad or self.recurrent_param.requires_grad)
+        if x.shape[1] == 1 or trains or kernels(self.level) is None:
+            return super().forward(x, layout, h0)
+        batch, length, width = x.shape
+        heads = x.view(batch, length, self.num_heads, -1)  # (B, T, H, L/H)
+        input_gate, recurrence_gate = (
+            torch.einsum("bthi,hij->bthj", heads, weight.to(x.dtype)).reshape(batch, length, width).float()
+            for weight in (self.input_gate_weight, self.recurrent_gate_weight)
+        )
+        h_last = x.new_zeros(batch, width, dtype=torch.float32) if h0 is None else h0.float().clone()
+        h = kernels(self.level).rglru_sequence(
+            x.float().contiguous(), input_gate.contiguous(), recurrence_gate.contiguous(), self.input_gate_bias,
+            self.recurrent_gate_bias, self.recurrent_param, layout.positions.contiguous(), h_last,
+        )
+        return h.to(x.dtype), h_last
+
+
 # Each module kind and its native counterpart, which only changes how it computes.
-NATIVE_KINDS: dict[type, type] = {Linear: NativeLinear, Embedding: NativeEmbedding} | {
+NATIVE_KINDS: dict[type, type] = {Linear: NativeLinear, Embedding: NativeEmbedding, RGLRU: NativeRGLRU} | {
     kind: type(f"Native{kind.__name__}", (_NativeQuantized, kind), {})
     for kind in (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding)
 }
@@ -204,7 +228,7 @@ def _block_parts(layer: nn.Module, block_type: str) -> tuple | None:
     recurrent = block_type == RECURRENT
     if recurrent:
         conv, lru = layer.get_submodule(CONV), layer.get_submodule(RG_LRU)
-        if type(conv) is not Conv1D or type(lru) is not RGLRU:
+        if type(conv) is not Conv1D or PLAIN_KINDS.get(type(lru), type(lru)) is not RGLRU:
             return None
         small += [conv.weight, conv.bias, lru.input_gate_weight, lru.input_gate_bias, lru.recurrent_gate_weight,
                   lru.recurrent_gate_bias, lru.recurrent_param]

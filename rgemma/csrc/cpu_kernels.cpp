@@ -1,5 +1,11 @@
 // Matrix-vector kernels for decoding on x86 CPUs with AVX2 and FMA.
 //
+// rgemma/backends/native.py builds this file once per instruction-set level,
+// and the code below takes what each level has (`#if defined(__AVX512F__)`
+// and the like): 16-lane float products with AVX-512, integer dot products
+// in one instruction with VNNI (vpdpbusd), and bf16 dot products with
+// AVX512-BF16 (vdpbf16ps). Everything else is AVX2 on every level.
+//
 // y (M, N) = x (M, K) @ W (N, K)^T for a few rows of x (decode: one token per
 // sequence). Decoding reads every weight once per step, so it is bound by
 // memory bandwidth if the arithmetic keeps up: each kernel streams its weights
@@ -128,10 +134,37 @@ Job tiles_job(int64_t M, int64_t N, MakeRow make_row, Tiles tiles) {
 }
 
 // Float weights --------------------------------------------------------------
+//
+// The products of float weights take the widest float vectors the level has:
+// 16 lanes and 32 registers with AVX-512, 8 and 16 with AVX2.
+
+#if defined(__AVX512F__)
+using Floats = __m512;
+constexpr int kTileAccumulators = 16;
+inline Floats zero_floats() { return _mm512_setzero_ps(); }
+inline Floats load_floats(const float* p) { return _mm512_loadu_ps(p); }
+inline Floats widen_bfloat16(const at::BFloat16* p) {  // bf16 is f32's top half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline Floats multiply_add(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
+inline float sum_lanes(Floats v) { return _mm512_reduce_add_ps(v); }
+#else
+using Floats = __m256;
+constexpr int kTileAccumulators = 8;
+inline Floats zero_floats() { return _mm256_setzero_ps(); }
+inline Floats load_floats(const float* p) { return _mm256_loadu_ps(p); }
+inline Floats widen_bfloat16(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline Floats multiply_add(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
+inline float sum_lanes(Floats v) { return horizontal_sum(v); }
+#endif
+constexpr int kLanes = sizeof(Floats) / sizeof(float);
 
 struct Float32Eights {
   const float* w;
   __m256 eight(int64_t offset) const { return _mm256_loadu_ps(w + offset); }
+  Floats lanes(int64_t offset) const { return load_floats(w + offset); }
   float at(int64_t offset) const { return w[offset]; }
   const char* bytes(int64_t offset) const { return reinterpret_cast<const char*>(w + offset); }
 };
@@ -142,39 +175,40 @@ struct BFloat16Eights {
     __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + offset));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));  // bf16 is f32's top half
   }
+  Floats lanes(int64_t offset) const { return widen_bfloat16(w + offset); }
   float at(int64_t offset) const { return static_cast<float>(w[offset]); }
   const char* bytes(int64_t offset) const { return reinterpret_cast<const char*>(w + offset); }
 };
 
-// y[m, r] for R weight rows and MB rows of x. Each 8 weights are widened once
-// for all MB rows of x, which stay in registers meanwhile: R * MB accumulators,
-// MB inputs and one weight vector fit the 16 registers up to R * MB = 8.
-// At 4 rows of x, where a bf16 product is bound by arithmetic more than by
-// memory, 2 x 4 tiles read fastest, ahead of 4 x 2 tiles and of x reloaded
-// per row.
+// y[m, r] for R weight rows and MB rows of x. Each vector of weights is
+// widened once for all MB rows of x, which stay in registers meanwhile: R * MB
+// accumulators, MB inputs and one weight vector fit the registers up to
+// R * MB = kTileAccumulators. At 4 rows of x, where a bf16 product is bound by
+// arithmetic more than by memory, 2 x 4 tiles read fastest on AVX2, ahead of
+// 4 x 2 tiles and of x reloaded per row.
 template <int R, int MB, typename Eights>
 void float_tile(const Eights* rows, const float* x, float* y, int64_t ldy, int64_t K, int64_t ahead) {
-  __m256 acc[R][MB];
+  Floats acc[R][MB];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int m = 0; m < MB; ++m) acc[r][m] = zero_floats();
   const int64_t whole = K - K % kBlock;
   for (int64_t k = 0; k < whole; k += kBlock) {
     for (int r = 0; r < R; ++r) _mm_prefetch(rows[r].bytes(k) + ahead, _MM_HINT_T1);
-    for (int j = 0; j < kBlock; j += 8) {
-      __m256 xs[MB];
+    for (int j = 0; j < kBlock; j += kLanes) {
+      Floats xs[MB];
       for (int m = 0; m < MB; ++m) {
-        xs[m] = _mm256_loadu_ps(x + m * K + k + j);
-        asm("" : "+x"(xs[m]));  // keeps it in a register: GCC would reload it for every row of weights
+        xs[m] = load_floats(x + m * K + k + j);
+        asm("" : "+v"(xs[m]));  // keeps it in a register: GCC would reload it for every row of weights
       }
       for (int r = 0; r < R; ++r) {
-        const __m256 w = rows[r].eight(k + j);
-        for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(w, xs[m], acc[r][m]);
+        const Floats w = rows[r].lanes(k + j);
+        for (int m = 0; m < MB; ++m) acc[r][m] = multiply_add(w, xs[m], acc[r][m]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) {
-      float dot = horizontal_sum(acc[r][m]);
+      float dot = sum_lanes(acc[r][m]);
       for (int64_t k = whole; k < K; ++k) dot += rows[r].at(k) * x[m * K + k];
       y[m * ldy + r] = dot;
     }
@@ -186,7 +220,7 @@ struct FloatTiles {
   int64_t N, K;
   template <int R, int MB, typename Eights>
   void run(const Eights* rows, int64_t m, int64_t n, int64_t ahead) const {
-    if constexpr (R * MB > 8) {  // past the registers: two strips of half the rows
+    if constexpr (R * MB > kTileAccumulators) {  // past the registers: two strips of half the rows
       run<R / 2, MB>(rows, m, n, ahead);
       run<R / 2, MB>(rows + R / 2, m, n + R / 2, ahead);
     } else {
@@ -194,6 +228,57 @@ struct FloatTiles {
     }
   }
 };
+
+#if defined(__AVX512BF16__)
+// bfloat16 weights on CPUs with bf16 dot products (vdpbf16ps: 32 products of
+// bf16 pairs added into 16 float32 lanes per instruction, against three
+// instructions per 8 weights widened to float32). x is split into two bf16
+// parts, x = hi + lo up to 2^-16 relative, and each weight meets both, so the
+// products keep nearly float32 activations for a second instruction.
+struct SplitX {
+  const at::BFloat16* hi;  // (MB, K) rows, K apart
+  const at::BFloat16* lo;
+  const float* x;  // the float32 rows, for the inputs past the last whole 32
+};
+
+template <int R, int MB>
+void bfloat16_tile(const BFloat16Eights* rows, SplitX x, float* y, int64_t ldy, int64_t K, int64_t ahead) {
+  constexpr int64_t kStep = 32;  // bf16 values in a 512-bit vector
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int64_t whole = K - K % kStep;
+  for (int64_t k = 0; k < whole; k += kStep) {
+    __m512bh hi[MB], lo[MB];
+    for (int m = 0; m < MB; ++m) {
+      hi[m] = (__m512bh)_mm512_loadu_si512(x.hi + m * K + k);
+      lo[m] = (__m512bh)_mm512_loadu_si512(x.lo + m * K + k);
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(rows[r].bytes(k) + ahead, _MM_HINT_T1);
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(rows[r].w + k);
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][m], w, hi[m]), w, lo[m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      float dot = _mm512_reduce_add_ps(acc[r][m]);
+      for (int64_t k = whole; k < K; ++k) dot += rows[r].at(k) * x.x[m * K + k];
+      y[m * ldy + r] = dot;
+    }
+}
+
+struct BFloat16Tiles {
+  SplitX x;
+  float* y;
+  int64_t N, K;
+  // 32 registers hold R * MB = 16 accumulators, 2 * MB inputs and the weights.
+  template <int R, int MB>
+  void run(const BFloat16Eights* rows, int64_t m, int64_t n, int64_t ahead) const {
+    bfloat16_tile<R, MB>(rows, {x.hi + m * K, x.lo + m * K, x.x + m * K}, y + m * N + n, N, K, ahead);
+  }
+};
+#endif
 
 void check_x(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
@@ -328,7 +413,26 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int64_t block) {
 
 inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-inline __m256i sum_pairs(__m256i s16) { return _mm256_madd_epi16(s16, _mm256_set1_epi16(1)); }
+// The 8 int32 sums of 4 adjacent products of u8 `a` and s8 `b` (a1 and b1,
+// plus a2 and b2), exact for the operands below: the pairs of products fit
+// s16 (|b| <= 127, and a <= 127, or a <= 15 where two pairs are added). VNNI
+// takes one instruction (vpdpbusd) per pair of operands, AVX2 three.
+inline __m256i products(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
+inline __m256i products(__m256i a1, __m256i b1, __m256i a2, __m256i b2) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a1, b1), a2, b2);
+#else
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(a1, b1), _mm256_maddubs_epi16(a2, b2)),
+                           _mm256_set1_epi16(1));
+#endif
+}
 
 // The 8 int32 block sums of blocks b0 .. b0+7 of a row against each of MB rows
 // of x, `x_stride` apart (zero past `count` blocks). Each block of weights is
@@ -387,7 +491,7 @@ struct Int8Row {
   }
   // 8 int32 sums of 32 products.
   static __m256i dot(const Block& w, const int8_t* x) {
-    return sum_pairs(_mm256_maddubs_epi16(w.magnitude, _mm256_sign_epi8(load_256(x), w.q)));
+    return products(w.magnitude, _mm256_sign_epi8(load_256(x), w.q));
   }
   __m256 scales(int64_t, int64_t) const { return _mm256_set1_ps(1.0f); }
   __m256 add_minima(__m256 acc, int64_t, int64_t, __m256) const { return acc; }
@@ -408,10 +512,9 @@ struct Int4Row {
     const __m256i packed = load_256(q + b * kBytes), nibble = _mm256_set1_epi8(0x0F);
     return {_mm256_and_si256(packed, nibble), _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble)};
   }
-  // 8 int32 sums of 64 products; each s16 pair sum is at most 2 * 15 * 127, so two add safely.
+  // 8 int32 sums of 64 products.
   static __m256i dot(const Block& w, const int8_t* x) {
-    return sum_pairs(_mm256_add_epi16(_mm256_maddubs_epi16(w.low, load_256(x)),
-                                      _mm256_maddubs_epi16(w.high, load_256(x + 32))));
+    return products(w.low, load_256(x), w.high, load_256(x + 32));
   }
   __m256 scales(int64_t b0, int64_t count) const { return per_block(scale, b0, count, blocks_per_group); }
   // The minima's share: minimum * (the sum of x over the block), for every block.
@@ -479,6 +582,28 @@ class Input {
     return out.data();
   }
 
+#if defined(__AVX512BF16__)
+  // x = hi + lo, each bfloat16 (rounded to nearest even), for the bf16 dot products.
+  SplitX split() {
+    if (hi_.empty()) {
+      const int64_t n = M_ * width_, whole = n - n % 16;
+      hi_.resize(n), lo_.resize(n);
+      for (int64_t i = 0; i < whole; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x_ + i);
+        const __m256bh hi = _mm512_cvtneps_pbh(v);
+        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hi), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_.data() + i), (__m256i)hi);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo_.data() + i), (__m256i)_mm512_cvtneps_pbh(v - back));
+      }
+      for (int64_t i = whole; i < n; ++i) {
+        hi_[i] = at::BFloat16(x_[i]);
+        lo_[i] = at::BFloat16(x_[i] - static_cast<float>(hi_[i]));
+      }
+    }
+    return {hi_.data(), lo_.data(), x_};
+  }
+#endif
+
   const QuantizedX& quantized(int64_t K, int64_t block) {
     auto found = quantized_.find({K, block});
     if (found == quantized_.end())
@@ -491,6 +616,9 @@ class Input {
   int64_t M_, width_;
   std::map<int64_t, std::vector<float>> padded_;
   std::map<std::pair<int64_t, int64_t>, QuantizedX> quantized_;  // by K and inputs per block
+#if defined(__AVX512BF16__)
+  std::vector<at::BFloat16> hi_, lo_;  // (M, width) each
+#endif
 };
 
 // A linear layer's weights in one of the formats above, and its bias.
@@ -545,8 +673,13 @@ struct Linear {
     switch (weight.scalar_type()) {
       case torch::kBFloat16: {
         const at::BFloat16* p = weight.data_ptr<at::BFloat16>();
+#if defined(__AVX512BF16__)
+        return tiles_job<4, BFloat16Eights>(M, N, [=](int64_t n) { return BFloat16Eights{p + n * K}; },
+                                            BFloat16Tiles{x.split(), y, N, K});
+#else
         return tiles_job<4, BFloat16Eights>(M, N, [=](int64_t n) { return BFloat16Eights{p + n * K}; },
                                          FloatTiles{x.padded(K), y, N, K});
+#endif
       }
       case torch::kFloat32: {
         const float* p = weight.data_ptr<float>();
@@ -1148,6 +1281,77 @@ torch::Tensor rglru_step(const torch::Tensor& x, const torch::Tensor& input_gate
   return out;
 }
 
+// The RG-LRU over a whole prompt: x and the gates' products (B, T, L) float32,
+// without their biases, the gates' biases and recurrent_param (L), positions
+// (B, T) int64 (-1: padding, which carries the state through unchanged; 0: a
+// document start), the state h0 (B, L) float32 -> every h (B, T, L) float32;
+// h0 takes the last. The element-wise steps and the recurrence in one pass
+// per 8 channels of a row, in place of a dozen passes of torch operations and
+// a blocked scan: a prefill's products stay with torch's GEMMs, which compute
+// the gates' products as one batched product.
+torch::Tensor rglru_sequence(const torch::Tensor& x, const torch::Tensor& input_gate,
+                             const torch::Tensor& recurrence_gate, const torch::Tensor& input_gate_bias,
+                             const torch::Tensor& recurrence_gate_bias, const torch::Tensor& recurrent_param,
+                             const torch::Tensor& positions, torch::Tensor& h0) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "rglru_sequence: x must be a contiguous float32 (B, T, L) tensor");
+  const int64_t B = x.size(0), T = x.size(1), L = x.size(2);
+  for (const torch::Tensor* t : {&input_gate, &recurrence_gate})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->sizes() == x.sizes(),
+                "rglru_sequence: the gates' products must be contiguous float32 tensors shaped as x");
+  for (const torch::Tensor* t : {&input_gate_bias, &recurrence_gate_bias, &recurrent_param})
+    TORCH_CHECK(t->numel() == L, "rglru_sequence: gate biases and recurrent_param must have L values");
+  TORCH_CHECK(h0.scalar_type() == torch::kFloat32 && h0.is_contiguous() && h0.dim() == 2 && h0.size(0) == B &&
+                  h0.size(1) == L,
+              "rglru_sequence: h0 must be a contiguous float32 (B, L) tensor");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.dim() == 2 &&
+                  positions.size(0) == B && positions.size(1) == T,
+              "rglru_sequence: positions must be a contiguous int64 (B, T) tensor");
+  auto as_float = [](const torch::Tensor& t) { return t.to(torch::kFloat32).flatten().contiguous(); };
+  const auto param = as_float(recurrent_param), bi = as_float(input_gate_bias), ba = as_float(recurrence_gate_bias);
+  const auto rate = -8.0 * torch::where(param > 20.0, param, torch::log1p(torch::exp(param)));  // softplus
+  auto out = torch::empty_like(x);
+  const float *xs = x.data_ptr<float>(), *gi = input_gate.data_ptr<float>(), *ga = recurrence_gate.data_ptr<float>();
+  const float *bias_i = bi.data_ptr<float>(), *bias_a = ba.data_ptr<float>(), *log_a_rate = rate.data_ptr<float>();
+  const int64_t* position = positions.data_ptr<int64_t>();
+  float *h_all = out.data_ptr<float>(), *last = h0.data_ptr<float>();
+  const int64_t chunks = (L + 7) / 8;  // of 8 channels; the last padded through copies
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t b = job / chunks, l = job % chunks * 8, count = std::min<int64_t>(8, L - l);
+      // The chunk's constants and state, padded to 8 lanes (zeros past L: they are never stored).
+      alignas(32) float lanes[7][8] = {};
+      const float* constants[3] = {bias_i + l, bias_a + l, log_a_rate + l};
+      for (int c = 0; c < 3; ++c) std::copy(constants[c], constants[c] + count, lanes[c]);
+      std::copy(last + b * L + l, last + b * L + l + count, lanes[3]);
+      __m256 h = _mm256_load_ps(lanes[3]);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t row = (b * T + t) * L + l, p = position[b * T + t];
+        if (p < 0) {  // padding: the state goes on unchanged
+          _mm256_store_ps(lanes[3], h);
+          std::copy(lanes[3], lanes[3] + count, h_all + row);
+          continue;
+        }
+        _mm256_store_ps(lanes[3], h);
+        if (count == 8) {
+          h = rglru8(xs + row, gi + row, ga + row, lanes[3], lanes[0], lanes[1], lanes[2], p == 0);
+          _mm256_storeu_ps(h_all + row, h);
+        } else {
+          std::copy(xs + row, xs + row + count, lanes[4]);
+          std::copy(gi + row, gi + row + count, lanes[5]);
+          std::copy(ga + row, ga + row + count, lanes[6]);
+          h = rglru8(lanes[4], lanes[5], lanes[6], lanes[3], lanes[0], lanes[1], lanes[2], p == 0);
+          _mm256_store_ps(lanes[3], h);
+          std::copy(lanes[3], lanes[3] + count, h_all + row);
+        }
+      }
+      _mm256_store_ps(lanes[3], h);
+      std::copy(lanes[3], lanes[3] + count, last + b * L + l);
+    }
+  });
+  return out;
+}
+
 // A whole decoding step ----------------------------------------------------------------
 //
 // After the element-wise steps were fused, a step still spent about a quarter
@@ -1489,6 +1693,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rglru_step", &rglru_step,
         "one RG-LRU step: x (M, L), gate weights (H, L/H, L/H) and float32 biases (L), recurrent_param (L), "
         "state h (M, L), positions (M) -> new state (M, L)");
+  m.def("rglru_sequence", &rglru_sequence, without_gil,
+        "the RG-LRU over a prompt: x and the gates' products without bias (B, T, L) float32, gate biases (L), "
+        "recurrent_param (L), positions (B, T) (-1: padding), state h0 (B, L) float32, updated in place to the "
+        "last -> every state (B, T, L)");
   py::class_<Decoder>(m, "Decoder", "a whole decoding step in one call")
       .def(py::init<const std::vector<BlockParts>&, double, torch::Tensor, const std::optional<LinearParts>&,
                     const std::optional<torch::Tensor>&, double, double>(),
