@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import rgemma
 from rgemma.backends import cpu
+from rgemma.backends import native as native_levels
 from rgemma.backends.native import kernels
 from rgemma.model import RMSNorm
 from rgemma.quantize import pack_int4
@@ -24,9 +25,23 @@ pytestmark = pytest.mark.skipif(kernels() is None, reason="the native CPU kernel
 
 
 @pytest.fixture(params=LEVELS)
-def native(request):
-    """The kernels of each instruction-set level this CPU runs, forced in turn."""
-    return kernels(request.param)
+def level(request) -> str:
+    """Each instruction-set level this CPU runs, in turn."""
+    return request.param
+
+
+@pytest.fixture
+def native(level):
+    """The kernels of `level`."""
+    return kernels(level)
+
+
+def as_bf16_dot_reads(x: torch.Tensor, w: torch.Tensor, level: str | None) -> torch.Tensor:
+    """x as a float product with weights `w` reads it at `level` (default: the process's): rounded to bf16
+    where bf16 weights take bf16 dot products (native.LEVELS[level].bf16_dot), else as it is."""
+    level = level or native_levels.chosen_level()
+    rounds = w.dtype == torch.bfloat16 and native_levels.LEVELS[level].bf16_dot
+    return x.bfloat16().float() if rounds else x
 
 ROWS = range(1, 18)  # one more than the decode limit: the kernels take any M
 OUTPUTS = 13  # not a multiple of the 4-row strips
@@ -123,12 +138,12 @@ def test_int4_kernel_reads_the_documented_nibble_layout(native):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inputs", [32, 70, 256])  # 70: a tail after the last 32-input block
-def test_float_kernel_equals_f_linear(native, dtype, inputs):
+def test_float_kernel_equals_f_linear(native, level, dtype, inputs):
     generator = torch.Generator().manual_seed(inputs)
     w = torch.randn(OUTPUTS, inputs, generator=generator).to(dtype)
     for rows in ROWS:
         x = torch.randn(rows, inputs, generator=generator)
-        close(native.float_linear(x, w), F.linear(x.double(), w.double()))
+        close(native.float_linear(x, w), F.linear(as_bf16_dot_reads(x, w, level).double(), w.double()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -185,8 +200,8 @@ def test_native_linear_widens_narrow_weights_a_slice_at_a_time(monkeypatch):
     expected = F.linear(x, linear.weight.float(), linear.bias.float())
     torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5)
     decode = x[:, :1]  # 2 rows: the native kernel
-    # Where it takes bf16 dot products, the activations meet the weights as two bf16 parts: 16 bits, not 24.
-    close(linear(decode), expected[:, :1], rtol=1e-4)
+    expected = F.linear(as_bf16_dot_reads(decode, linear.weight, None), linear.weight.float(), linear.bias.float())
+    torch.testing.assert_close(linear(decode), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -4,7 +4,8 @@
 // and the code below takes what each level has (`#if defined(__AVX512F__)`
 // and the like): 16-lane float products with AVX-512, integer dot products
 // in one instruction with VNNI (vpdpbusd), and bf16 dot products with
-// AVX512-BF16 (vdpbf16ps). Everything else is AVX2 on every level.
+// AVX512-BF16 (vdpbf16ps, the activations rounded to bf16 for them).
+// Everything else is AVX2 on every level.
 //
 // y (M, N) = x (M, K) @ W (N, K)^T for a few rows of x (decode: one token per
 // sequence). Decoding reads every weight once per step, so it is bound by
@@ -232,50 +233,48 @@ struct FloatTiles {
 #if defined(__AVX512BF16__)
 // bfloat16 weights on CPUs with bf16 dot products (vdpbf16ps: 32 products of
 // bf16 pairs added into 16 float32 lanes per instruction, against three
-// instructions per 8 weights widened to float32). x is split into two bf16
-// parts, x = hi + lo up to 2^-16 relative, and each weight meets both, so the
-// products keep nearly float32 activations for a second instruction.
-struct SplitX {
-  const at::BFloat16* hi;  // (MB, K) rows, K apart
-  const at::BFloat16* lo;
-  const float* x;  // the float32 rows, for the inputs past the last whole 32
+// instructions per 16 weights widened to float32). The activations meet the
+// weights rounded to bf16, as in the bf16 GEMMs these CPUs prefill with;
+// products and sums stay float32. Measured (docs/PERFORMANCE.md), also
+// passing x's rounding error as a second bf16 part kept 16 bits of x but
+// cost a third of the speed at 4 rows and more.
+struct BFloat16X {
+  const at::BFloat16* x16;  // (MB, K) rows, K apart, rounded to nearest even
+  const float* x;           // the float32 rows, for the inputs past the last whole 32
 };
 
 template <int R, int MB>
-void bfloat16_tile(const BFloat16Eights* rows, SplitX x, float* y, int64_t ldy, int64_t K, int64_t ahead) {
+void bfloat16_tile(const BFloat16Eights* rows, BFloat16X x, float* y, int64_t ldy, int64_t K, int64_t ahead) {
   constexpr int64_t kStep = 32;  // bf16 values in a 512-bit vector
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   const int64_t whole = K - K % kStep;
   for (int64_t k = 0; k < whole; k += kStep) {
-    __m512bh hi[MB], lo[MB];
-    for (int m = 0; m < MB; ++m) {
-      hi[m] = (__m512bh)_mm512_loadu_si512(x.hi + m * K + k);
-      lo[m] = (__m512bh)_mm512_loadu_si512(x.lo + m * K + k);
-    }
+    __m512bh xs[MB];
+    for (int m = 0; m < MB; ++m) xs[m] = (__m512bh)_mm512_loadu_si512(x.x16 + m * K + k);
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(rows[r].bytes(k) + ahead, _MM_HINT_T1);
       const __m512bh w = (__m512bh)_mm512_loadu_si512(rows[r].w + k);
-      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][m], w, hi[m]), w, lo[m]);
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w, xs[m]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) {
       float dot = _mm512_reduce_add_ps(acc[r][m]);
-      for (int64_t k = whole; k < K; ++k) dot += rows[r].at(k) * x.x[m * K + k];
+      for (int64_t k = whole; k < K; ++k) dot += rows[r].at(k) * static_cast<float>(at::BFloat16(x.x[m * K + k]));
       y[m * ldy + r] = dot;
     }
 }
 
 struct BFloat16Tiles {
-  SplitX x;
+  BFloat16X x;
   float* y;
   int64_t N, K;
-  // 32 registers hold R * MB = 16 accumulators, 2 * MB inputs and the weights.
+  // 32 registers hold R * MB = 16 accumulators, MB inputs and the weights.
   template <int R, int MB>
   void run(const BFloat16Eights* rows, int64_t m, int64_t n, int64_t ahead) const {
-    bfloat16_tile<R, MB>(rows, {x.hi + m * K, x.lo + m * K, x.x + m * K}, y + m * N + n, N, K, ahead);
+    bfloat16_tile<R, MB>(rows, {x.x16 + m * K, x.x + m * K}, y + m * N + n, N, K, ahead);
   }
 };
 #endif
@@ -583,24 +582,17 @@ class Input {
   }
 
 #if defined(__AVX512BF16__)
-  // x = hi + lo, each bfloat16 (rounded to nearest even), for the bf16 dot products.
-  SplitX split() {
-    if (hi_.empty()) {
+  // x rounded to bfloat16 (nearest even), for the bf16 dot products.
+  BFloat16X bfloat16() {
+    if (x16_.empty()) {
       const int64_t n = M_ * width_, whole = n - n % 16;
-      hi_.resize(n), lo_.resize(n);
-      for (int64_t i = 0; i < whole; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x_ + i);
-        const __m256bh hi = _mm512_cvtneps_pbh(v);
-        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hi), 16));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_.data() + i), (__m256i)hi);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo_.data() + i), (__m256i)_mm512_cvtneps_pbh(v - back));
-      }
-      for (int64_t i = whole; i < n; ++i) {
-        hi_[i] = at::BFloat16(x_[i]);
-        lo_[i] = at::BFloat16(x_[i] - static_cast<float>(hi_[i]));
-      }
+      x16_.resize(n);
+      for (int64_t i = 0; i < whole; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16_.data() + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x_ + i)));
+      for (int64_t i = whole; i < n; ++i) x16_[i] = at::BFloat16(x_[i]);
     }
-    return {hi_.data(), lo_.data(), x_};
+    return {x16_.data(), x_};
   }
 #endif
 
@@ -617,7 +609,7 @@ class Input {
   std::map<int64_t, std::vector<float>> padded_;
   std::map<std::pair<int64_t, int64_t>, QuantizedX> quantized_;  // by K and inputs per block
 #if defined(__AVX512BF16__)
-  std::vector<at::BFloat16> hi_, lo_;  // (M, width) each
+  std::vector<at::BFloat16> x16_;  // (M, width)
 #endif
 };
 
@@ -675,7 +667,7 @@ struct Linear {
         const at::BFloat16* p = weight.data_ptr<at::BFloat16>();
 #if defined(__AVX512BF16__)
         return tiles_job<4, BFloat16Eights>(M, N, [=](int64_t n) { return BFloat16Eights{p + n * K}; },
-                                            BFloat16Tiles{x.split(), y, N, K});
+                                            BFloat16Tiles{x.bfloat16(), y, N, K});
 #else
         return tiles_job<4, BFloat16Eights>(M, N, [=](int64_t n) { return BFloat16Eights{p + n * K}; },
                                          FloatTiles{x.padded(K), y, N, K});
