@@ -3,7 +3,11 @@
 Each client sends its requests one after another: a prompt of random token
 ids (so no two share a prefix and the cache never helps), greedy, a fixed
 number of tokens (`ignore_eos`). Reported per concurrency: requests/s,
-generated tokens/s over the wall time, its ratio to one client's, and the
+generated tokens/s over the wall time and its ratio to one client's; decode
+tokens/s (the tokens after each stream's first, over the time some stream
+was between its first token and its last: prompts are read one request at
+a time, so that a request's tokens never depend on what else is queued,
+and this leaves their reading out) and its ratio to one client's; and the
 p50/p99 time to first token and inter-token latency (gaps between the
 stream's chunks). The server runs in this process (real HTTP on loopback)
 unless --url names one already running.
@@ -164,9 +168,21 @@ async def load(url: str, name: str, vocab_size: int, clients: int, requests: int
     first = [arrivals[0] - started for started, arrivals, _ in results]
     gaps = [b - a for _, arrivals, _ in results for a, b in zip(arrivals, arrivals[1:])]
     generated = sum(tokens for *_, tokens in results)
+    decoding = busy_seconds([(arrivals[0], arrivals[-1]) for _, arrivals, _ in results if len(arrivals) > 1])
     return {"clients": clients, "requests": len(results), "seconds": wall, "requests_per_s": len(results) / wall,
-            "tokens_per_s": generated / wall, "ttft_p50": percentile(first, 50), "ttft_p99": percentile(first, 99),
+            "tokens_per_s": generated / wall, "decode_tokens_per_s": len(gaps) / decoding if decoding else float("nan"),
+            "ttft_p50": percentile(first, 50), "ttft_p99": percentile(first, 99),
             "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99)}
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the (start, end) spans."""
+    total, reached = 0.0, -float("inf")
+    for start, end in sorted(spans):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -180,5 +196,7 @@ def print_row(row: dict, first: dict) -> None:
     print(f"{row['clients']:>3} clients: {row['requests']:>4} requests in {row['seconds']:6.1f} s, "
           f"{row['requests_per_s']:6.2f} req/s, {row['tokens_per_s']:7.1f} tok/s "
           f"({row['tokens_per_s'] / first['tokens_per_s']:4.1f}x {first['clients']} client), "
+          f"decode {row['decode_tokens_per_s']:7.1f} tok/s "
+          f"({row['decode_tokens_per_s'] / first['decode_tokens_per_s']:4.1f}x), "
           f"TTFT p50 {row['ttft_p50'] * 1e3:7.0f} ms p99 {row['ttft_p99'] * 1e3:7.0f} ms, "
           f"ITL p50 {row['itl_p50'] * 1e3:6.0f} ms p99 {row['itl_p99'] * 1e3:6.0f} ms", flush=True)
