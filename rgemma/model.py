@@ -519,6 +519,8 @@ class Griffin(nn.Module):
         """tokens (B, T) -> final-normed hidden states (B, T, D), updated state."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens must hold at least one row and one token, got shape {tuple(tokens.shape)}")
         if state is not None and state.batch_size != tokens.shape[0]:
             raise ValueError(f"state has {state.batch_size} rows but tokens have {tokens.shape[0]}")
         positions = self._positions(tokens, positions, state)
@@ -532,7 +534,11 @@ class Griffin(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (...) -> scaled embeddings (..., D) in the activation dtype."""
-        return self.embed_tokens(tokens).to(self.activation_dtype) * self.config.embedding_scale
+        try:
+            rows = self.embed_tokens(tokens)
+        except IndexError:  # the lookup's own error names no vocabulary
+            raise ValueError(f"tokens hold ids outside the model's vocabulary [0, {self.config.vocab_size})") from None
+        return rows.to(self.activation_dtype) * self.config.embedding_scale
 
     def _run_layers(self, tokens: torch.Tensor, layout: TokenLayout, state: State) -> torch.Tensor:
         x = self.embed(tokens)

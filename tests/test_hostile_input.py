@@ -320,7 +320,8 @@ def test_chat_reports_invalid_unicode_and_goes_on(tiny, tmp_path):
     (["generate", "--threads", "-1", "Hi"], "--threads: must be a positive integer, got -1"),
     (["generate", "--seed", str(2**64), "Hi"], "--seed: a seed must be in [0, 2**64 - 1]"),
     (["generate", "--seed", "-1", "Hi"], "--seed: a seed must be in"),
-    (["convert", "a", "b", "--max-shard-gb", "0"], "--max-shard-gb: must be a finite number > 0, got 0.0"),
+    (["convert", "a", "b", "--max-shard-gb", "0"], "--max-shard-gb: must be at least 1 KiB (about 1e-6 GiB), got 0.0"),
+    (["convert", "a", "b", "--max-shard-gb", "1e-12"], "--max-shard-gb: must be at least 1 KiB"),
     (["quantize", "a", "b", "--bits", "4", "--max-shard-gb", "nan"], "--max-shard-gb: 'nan' is not a finite number"),
     (["train", "data", "--run-dir", "r", "--seq-len", "0"], "--seq-len: must be a positive integer, got 0"),
     (["train", "data", "--run-dir", "r", "--batch-size", "0"], "--batch-size: must be a positive integer"),
@@ -421,6 +422,11 @@ def test_prompts_with_ids_outside_the_vocabulary_are_refused(tiny):
         prefill(tiny, [[2, -1]])
     with pytest.raises(ValueError, match="empty prompt"):
         prefill(tiny, [[]])
+    # The network itself, called directly.
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 512\)"):
+        tiny(torch.tensor([[2, 512]]))
+    with pytest.raises(ValueError, match=r"at least one row and one token, got shape \(1, 0\)"):
+        tiny(torch.zeros(1, 0, dtype=torch.long))
 
 
 def test_non_finite_logits_stop_sampling():
@@ -819,3 +825,11 @@ def test_train_in_the_library_refuses_held_out_data_without_a_row(token_file, tm
     with pytest.raises(ValueError, match=r"t.bin: fewer than 9 tokens, not one row of 8 to evaluate on$"):
         train(settings)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_torchrun_worker_names_its_rank_in_its_error_line(tmp_path, monkeypatch, capsys):
+    """Under torchrun every worker reports its own failure: ranks past 0 say which they are."""
+    for rank, speaker in (("0", "rgemma: error: "), ("1", "rgemma[rank 1]: error: ")):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 1
+        assert capsys.readouterr().err.startswith(speaker)

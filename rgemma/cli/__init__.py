@@ -82,15 +82,21 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, SafetensorError) as error:
         # Bad input, a full disk, a missing file: one line that names the problem, no traceback.
         # (safetensors reports its I/O errors, ENOSPC included, as SafetensorError.)
-        print(f"rgemma: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{_speaker()}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except MemoryError:
-        print("rgemma: error: out of memory", file=sys.stderr)
+        print(f"{_speaker()}: error: out of memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("rgemma: interrupted", file=sys.stderr)
+        print(f"{_speaker()}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _speaker() -> str:
+    """'rgemma', or under torchrun 'rgemma[rank N]' on every worker but rank 0: each prints its own line."""
+    rank = os.environ.get("RANK", "0")
+    return "rgemma" if rank == "0" else f"rgemma[rank {rank}]"
 
 
 def _one_line(error: BaseException) -> str:

@@ -76,3 +76,11 @@ def fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {value}")
     return value
+
+
+def gib_as_bytes(text: str) -> int:
+    """A size given in GiB, as bytes; at least 1 KiB (less is a slip of units, and rounds to nothing)."""
+    value = _number(text)
+    if value * 2**30 < 2**10:
+        raise argparse.ArgumentTypeError(f"must be at least 1 KiB (about 1e-6 GiB), got {value}")
+    return int(value * 2**30)

@@ -6,7 +6,7 @@ import argparse
 import functools
 import sys
 
-from rgemma.cli.numbers import positive_float
+from rgemma.cli.numbers import gib_as_bytes
 from rgemma.cli.options import DTYPES, torch_dtype
 
 
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inputs per int4 group, a multiple of 64 (default 64)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the parts kept in float "
                         "(default: the checkpoint's)")
-    parser.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="shard size limit in GiB")
+    parser.add_argument("--max-shard-gb", type=gib_as_bytes, default="5", help="shard size limit in GiB")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -34,6 +34,6 @@ def run(args: argparse.Namespace) -> None:
     check_format(args.bits, group_size)  # before the progress bar, so that a bad value is one line
     progress = functools.partial(tqdm, desc=f"quantizing to int{args.bits}", unit="tensor", file=sys.stderr,
                                  leave=False)
-    convert(args.src, args.dst, dtype=torch_dtype(args.dtype), max_shard_bytes=int(args.max_shard_gb * 2**30),
+    convert(args.src, args.dst, dtype=torch_dtype(args.dtype), max_shard_bytes=args.max_shard_gb,
             quantize=args.bits, group_size=group_size, progress=progress)
     print(f"wrote {args.dst}", file=sys.stderr)
