@@ -30,7 +30,9 @@ exceptions by which the kernels refuse bad input, and aborts):
     LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
         python -m pytest -n 0 -s -p no:cacheprovider tests/test_hostile_input.py tests/test_decode.py
 
-(-s: pytest's capture would swallow ASan's report when it aborts the process.)
+(-s: pytest's capture would swallow ASan's report when it aborts the process.
+Build the sanitized kernels first, `RGEMMA_SANITIZE=address rgemma build-kernels`:
+on a loaded machine a build inside a test can outlast pytest's per-test timeout.)
 """
 
 from __future__ import annotations

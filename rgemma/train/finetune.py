@@ -23,9 +23,7 @@ import dataclasses
 import json
 import math
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -333,25 +331,7 @@ def _stop_flag(world: World) -> contextlib.AbstractContextManager[dict]:
     only sets the flag: a terminal's Ctrl-C reaches each worker twice (from the terminal, then passed on
     by torchrun), and torchrun itself kills workers that outlast its --shutdown-timeout.
     """
-    return _every_signal_sets_the_flag() if world.distributed else interrupt_flag()
-
-
-@contextlib.contextmanager
-def _every_signal_sets_the_flag():
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield flag
-        return
-
-    def handler(signum, frame):
-        flag["stop"] = True
-
-    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for number, before in previous.items():
-            signal.signal(number, before)
+    return interrupt_flag(second_interrupts=not world.distributed)
 
 
 @contextlib.contextmanager

@@ -125,9 +125,9 @@ def export_model(model: Griffin, directory: Path, tokenizer: str | None):
 
 
 @contextlib.contextmanager
-def interrupt_flag() -> Iterator[dict]:
+def interrupt_flag(second_interrupts: bool = True) -> Iterator[dict]:
     """The first Ctrl-C or SIGTERM (`kill`, a scheduler's stop) sets flag["stop"] (the loop saves and exits);
-    a second one interrupts at once."""
+    a second one interrupts at once, or with `second_interrupts=False` only sets the flag again."""
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield flag
@@ -135,7 +135,8 @@ def interrupt_flag() -> Iterator[dict]:
 
     def handler(signum, frame):
         flag["stop"] = True
-        restore()
+        if second_interrupts:
+            restore()
 
     def restore():
         for number, before in previous.items():
