@@ -318,6 +318,9 @@ def test_chat_reports_invalid_unicode_and_goes_on(tiny, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "--threads", "-1", "Hi"], "--threads: must be a positive integer, got -1"),
+    (["eval", "--data", "d", "--threads", "-1"], "--threads: must be a positive integer, got -1"),
+    (["finetune", "--data", "d", "--out", "o", "--threads", "0"], "--threads: must be a positive integer, got 0"),
+    (["bench", "--preset", "tiny", "--threads", "-2"], "--threads: must be a positive integer, got -2"),
     (["generate", "--seed", str(2**64), "Hi"], "--seed: a seed must be in [0, 2**64 - 1]"),
     (["generate", "--seed", "-1", "Hi"], "--seed: a seed must be in"),
     (["convert", "a", "b", "--max-shard-gb", "0"], "--max-shard-gb: must be at least 1 KiB (about 1e-6 GiB), got 0.0"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from rgemma import bench
+from rgemma.cli.numbers import positive_int
 from rgemma.cli.options import DTYPES
 from rgemma.config import PRESETS
 from rgemma.hub import resolve_model
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="checkpoint directory or file, or a Hugging Face hub id")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--engines", default=",".join(bench.ENGINE_NAMES),
                         help=f"comma-separated (default: {','.join(bench.ENGINE_NAMES)}); "
                              f"{' and '.join(bench.QUANTIZED_ENGINES)} are rgemma on the same weights quantized at load")

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rgemma.cli.numbers import positive_int
 from rgemma.cli.options import DTYPES, add_adapter_option, torch_dtype
 
 
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         'of {"context", "choices", "answer"} questions (scored as multiple choice)')
     parser.add_argument("--chunk", type=int, help="tokens read per forward; the state carries across chunks")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: the checkpoint's)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from rgemma.cli.numbers import positive_int
 from rgemma.train.finetune_settings import FinetuneSettings  # torch-free: --help stays fast
 
 
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard parameters, gradients and optimiser state (default: DDP)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
