@@ -4,12 +4,13 @@ Each client sends its requests one after another: a prompt of random token
 ids (so no two share a prefix and the cache never helps), greedy, a fixed
 number of tokens (`ignore_eos`). Reported per concurrency: requests/s,
 generated tokens/s over the wall time and its ratio to one client's; decode
-tokens/s (the tokens after each stream's first, over the time some stream
-was between its first token and its last: prompts are read one request at
-a time, so that a request's tokens never depend on what else is queued,
-and this leaves their reading out) and its ratio to one client's; and the
-p50/p99 time to first token and inter-token latency (gaps between the
-stream's chunks). The server runs in this process (real HTTP on loopback)
+tokens/s while every stream decodes (the tokens that arrive between the
+last stream's first token and the first stream's last, over that time;
+prompts are read one request at a time, so that a request's tokens never
+depend on what else is queued, and this leaves their reading out; nan
+where no such time exists, as with several requests per client) and its
+ratio to one client's; and the p50/p99 time to first token and inter-token
+latency (gaps between the stream's chunks). The server runs in this process (real HTTP on loopback)
 unless --url names one already running.
 """
 
@@ -168,21 +169,22 @@ async def load(url: str, name: str, vocab_size: int, clients: int, requests: int
     first = [arrivals[0] - started for started, arrivals, _ in results]
     gaps = [b - a for _, arrivals, _ in results for a, b in zip(arrivals, arrivals[1:])]
     generated = sum(tokens for *_, tokens in results)
-    decoding = busy_seconds([(arrivals[0], arrivals[-1]) for _, arrivals, _ in results if len(arrivals) > 1])
     return {"clients": clients, "requests": len(results), "seconds": wall, "requests_per_s": len(results) / wall,
-            "tokens_per_s": generated / wall, "decode_tokens_per_s": len(gaps) / decoding if decoding else float("nan"),
+            "tokens_per_s": generated / wall, "decode_tokens_per_s": all_decoding_rate([a for _, a, _ in results]),
             "ttft_p50": percentile(first, 50), "ttft_p99": percentile(first, 99),
             "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99)}
 
 
-def busy_seconds(spans: list[tuple[float, float]]) -> float:
-    """The length of the union of the (start, end) spans."""
-    total, reached = 0.0, -float("inf")
-    for start, end in sorted(spans):
-        if end > reached:
-            total += end - max(start, reached)
-            reached = end
-    return total
+def all_decoding_rate(streams: list[list[float]]) -> float:
+    """Chunks per second that arrive while every stream decodes: from the last stream's first chunk to the first
+    stream's last; NaN where there is no such time."""
+    streams = [s for s in streams if s]
+    if not streams:
+        return float("nan")
+    start, end = max(s[0] for s in streams), min(s[-1] for s in streams)
+    if end <= start:
+        return float("nan")
+    return sum(start < t <= end for s in streams for t in s) / (end - start)
 
 
 def percentile(values: list[float], q: float) -> float:
