@@ -203,7 +203,11 @@ def finetune(settings: FinetuneSettings, on_step: Callable[[int, float], None] |
     a checkpoint saved."""
     world = join_world(settings.device)
     try:
-        return _finetune(settings, world, on_step)
+        result = _finetune(settings, world, on_step)
+        # Every rank past its last collective before any tears its group down: once, a rank that left first
+        # made another abort at exit ("terminate called without an active exception").
+        world.barrier()
+        return result
     finally:
         leave_world(world)
 
