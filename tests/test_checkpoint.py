@@ -301,7 +301,7 @@ def test_failed_save_leaves_nothing(ours, tmp_path, monkeypatch):
         save_file(tensors, file, metadata=metadata)
 
     monkeypatch.setattr(checkpoint, "save_file", fail_on_second_shard)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="out: cannot write the checkpoint: disk full"):
         save_model(ours, tmp_path / "out", max_shard_bytes=40_000)
     assert list(tmp_path.iterdir()) == []
 
