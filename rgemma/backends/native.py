@@ -31,8 +31,9 @@ exceptions by which the kernels refuse bad input, and aborts):
         python -m pytest -n 0 -s -p no:cacheprovider tests/test_hostile_input.py tests/test_decode.py
 
 (-s: pytest's capture would swallow ASan's report when it aborts the process.
-Build the sanitized kernels first, `RGEMMA_SANITIZE=address rgemma build-kernels`:
-on a loaded machine a build inside a test can outlast pytest's per-test timeout.)
+Build the sanitized kernels first, with the same variables and LD_PRELOAD in
+front of `rgemma build-kernels` (it loads what it built): on a loaded machine
+a build inside a test can outlast pytest's per-test timeout.)
 """
 
 from __future__ import annotations
