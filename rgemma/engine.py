@@ -5,9 +5,12 @@ server); it knows nothing of HTTP. `add(request)` queues a request and
 returns its id, `cancel(id)` drops it at once, and each `step()` does one
 tick of work and returns the events it produced:
 - prompt chunks of the requests still reading their prompts, oldest
-  first, about one chunk's worth of tokens in all (many short prompts
-  join in one tick; a long one takes a chunk per tick, so running
-  requests keep getting tokens). A request is prefilled alone, in chunks whose ends fall on multiples of
+  first: while requests run, one chunk (a forward) per tick, so that a
+  running request waits at most one forward between its tokens, however
+  many prompts arrive at once (each forward, however short, is a whole
+  pass over the weights: fifteen 32-token prompts of a 2b model read in one
+  tick once held running streams for 12 s); while none runs, about one
+  chunk's worth of tokens in all (many short prompts join in one tick). A request is prefilled alone, in chunks whose ends fall on multiples of
   the chunk size in its absolute positions, so the products it runs never
   depend on what else is queued or running; its first token is sampled
   when the prompt is read. A request may name more chunk ends (`breaks`,
@@ -242,8 +245,11 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Event]:
         """One decode step of the running requests, then prefill chunks; the events of both."""
-        events = self._decode() if self._running else []
-        budget = self.chunk_size  # prompt tokens per tick; the last chunk may pass it (chunks stay aligned)
+        running = bool(self._running)
+        events = self._decode() if running else []
+        # Prompt tokens this tick: one forward while requests run, else about a chunk's worth (the last chunk
+        # may pass it: chunks stay aligned).
+        budget = 1 if running else self.chunk_size
         while self._waiting and len(self._running) < self.max_batch and budget > 0:
             sequence = self._waiting[0]
             unread = len(sequence.unread)

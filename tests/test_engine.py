@@ -130,6 +130,32 @@ def test_among_sixteen_others_on_the_plain_path_with_native_products(adapted):
     test_a_request_alone_and_among_sixteen_others(adapted, True)
 
 
+def test_prompts_that_arrive_together_hold_running_requests_for_one_forward_a_tick(default):
+    """While a request runs, a tick reads one prompt forward: the running request gets a token every tick,
+    however many prompts arrive at once. With nothing running, short prompts are read together in one tick."""
+    _, tokenizer = default
+
+    def request(text: str, max_tokens: int = 3) -> Request:
+        return Request(tokenizer.encode(text, bos=True), SamplingParams(temperature=0), max_tokens=max_tokens,
+                       ignore_eos=True)
+
+    busy = engine(default, kernels() is not None)
+    first = busy.add(request("Once upon", max_tokens=40))
+    busy.step()  # nothing ran: reads its prompt and samples its first token
+    assert busy.running == 1
+    for _ in range(5):
+        busy.add(request("The cat"))  # shorter than a chunk: one forward each
+    for tick in range(5):
+        events = busy.step()
+        assert any(event.request == first for event in events), tick  # a token every tick
+        assert busy.waiting == 4 - tick
+    idle = engine(default, kernels() is not None)
+    for _ in range(5):
+        idle.add(request("The cat"))
+    idle.step()
+    assert idle.running > 1  # as many as a chunk's worth of prompt tokens (CHUNK) takes
+
+
 def test_cancel_frees_the_slot_at_once(default):
     _, tokenizer = default
     shared = engine(default, kernels() is not None)
