@@ -7,8 +7,10 @@ Cases: model x mode x processes, each one `rgemma finetune` subprocess on a synt
 
 tokens/s: rows x seq-len per step (padding included), from log.jsonl's timestamps between the end of the
 first step and the end of the last (the first step, with its allocations, is left out: 2 steps or more).
-Peak memory: `largest` is the peak RSS of the largest single process (getrusage ru_maxrss, exact); `total`
-is the largest sum of RSS over the whole process tree (torchrun and its workers), sampled every 0.1 s.
+Peak memory: `largest` is the peak RSS of the largest single process (getrusage ru_maxrss, exact; it counts
+the pages of a memory-mapped checkpoint that the process reads); `total` is the largest sum of PSS over the
+whole process tree (torchrun and its workers), sampled every 0.1 s: pages shared by the processes, as the
+ranks of a LoRA run share their view of a checkpoint's file, are counted once in all, not once per process.
 A case whose weights and optimiser state alone would not fit in the available memory is skipped, saying so.
 
     python scripts/bench_finetune.py --steps 3                                     # the embedded model
@@ -84,10 +86,13 @@ def parameter_count(model: Path | None) -> int:
 
 
 def state_bytes(params: int, mode: str, procs: int, fsdp: bool) -> int:
-    """Twice the float32 weights in every process (each loads the whole model: a 2b LoRA run peaked at 21.8 GiB,
-    8 bytes per parameter, 2026-12-03), plus gradients and AdamW's two moments for full fine-tuning (sharded
-    under FSDP); activations not counted."""
-    optimiser = 3 * 4 * params if mode == "full" else 0
+    """Full fine-tuning: twice the float32 weights in every process (each loads the whole model), plus
+    gradients and AdamW's two moments (sharded under FSDP). LoRA: the 16-bit frozen base in every process
+    (rgemma/train/frozen.py; before it, a float32 base made a 2b LoRA run peak at 21.8 GiB). Activations not
+    counted."""
+    if mode == "lora":
+        return procs * 2 * params
+    optimiser = 3 * 4 * params
     return procs * 8 * params + (optimiser if fsdp else procs * optimiser)
 
 
@@ -114,7 +119,7 @@ def run_case(model: Path | None, mode: str, procs: int, args, data: Path, out: P
     while process.poll() is None:
         try:
             tree = [process, *process.children(recursive=True)]
-            total_peak = max(total_peak, sum(p.memory_info().rss for p in tree[1:]))  # not the wrapper itself
+            total_peak = max(total_peak, sum(p.memory_full_info().pss for p in tree[1:]))  # not the wrapper
         except psutil.Error:
             pass
         time.sleep(0.1)

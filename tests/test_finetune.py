@@ -3,9 +3,11 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +16,14 @@ import rgemma
 from rgemma.cli import main
 from rgemma.hub import DEFAULT_MODEL
 from rgemma.lora import LoraSettings, adapter_parameters, add_lora, load_adapter
+from rgemma.model import Linear
 from rgemma.tokenizer import Tokenizer, chat_prompt
 from rgemma.train import IGNORE, next_token_loss
 from rgemma.train.chat_data import Document, load_rows, pack, read_documents, render_chat, render_text
 from rgemma.train.finetune import CHECKPOINT_DIR, FINAL_DIR, META_FILE, finetune
 from rgemma.train.finetune_settings import FinetuneSettings
+from rgemma.train.frozen import FrozenLinear, base_matrices
+from conftest import perturb_
 
 # A task the embedded model cannot know: a made-up word for each colour.
 SECRETS = {"red": "Apple.", "blue": "Ocean.", "green": "Forest.", "black": "Night."}
@@ -162,13 +167,16 @@ def test_lora_learns_a_chat_task_and_leaves_the_base_alone(data, tmp_path, capsy
     losses = log_losses(out)
     assert result.step == 60 and losses[-1] < 0.1 * losses[0], losses
     assert sorted(p.name for p in (out / FINAL_DIR).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    base = rgemma.load_model(DEFAULT_MODEL, dtype=torch.float32)
+    base = rgemma.load_model(DEFAULT_MODEL)  # bf16
+    matrices = base_matrices(base)
     trained = dict(result.model.named_parameters())
     for name, param in base.named_parameters():  # frozen, and still the base's values
         key = name if name in trained else name.replace("input_gate_weight", "parametrizations.input_gate_weight.original") \
             .replace("recurrent_gate_weight", "parametrizations.recurrent_gate_weight.original")
         key = key if key in trained else key.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
-        assert torch.equal(trained[key], param) and not trained[key].requires_grad, name
+        # The matrices held in the checkpoint's 16 bits, the rest in float32.
+        assert trained[key].dtype == (torch.bfloat16 if name in matrices else torch.float32), name
+        assert torch.equal(trained[key], param.to(trained[key].dtype)) and not trained[key].requires_grad, name
     # The model now answers the training prompts.
     for colour, answer in SECRETS.items():
         assert main(["generate", "--chat", "--adapter", str(out / FINAL_DIR), "--temperature", "0",
@@ -231,6 +239,66 @@ def test_bfloat16_autocast(data, tmp_path, one_thread):
     cpu = torch.device("cpu")
     assert autocast_dtype("float32", cpu) is None and autocast_dtype("bfloat16", cpu) == torch.bfloat16
     assert autocast_dtype("auto", cpu) == (torch.bfloat16 if Options().resolved().native_bf16 else None)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoints(tmp_path_factory):
+    """One small random Griffin saved in float32 and in float16, with the embedded tokenizer."""
+    directory = tmp_path_factory.mktemp("small")
+    torch.manual_seed(0)
+    model = perturb_(rgemma.Griffin(rgemma.Config.preset("tiny-wide-lru").replace(vocab_size=8192)))
+    paths = {}
+    for dtype in (torch.float32, torch.float16):
+        paths[dtype] = rgemma.save_model(model.to(dtype), directory / str(dtype).removeprefix("torch."))
+        shutil.copyfile(Path(DEFAULT_MODEL) / "tokenizer.model", paths[dtype] / "tokenizer.model")
+    return paths
+
+
+@pytest.mark.parametrize("checkpoint, base, expected", [
+    ("embedded", "auto", torch.bfloat16), (torch.float16, "auto", torch.float16),
+    (torch.float32, "auto", torch.bfloat16), (torch.float32, "float32", torch.float32),
+    (torch.float16, "bfloat16", torch.bfloat16)])
+def test_lora_holds_the_base_matrices_in_16_bits_and_the_rest_in_float32(small_checkpoints, checkpoint, base,
+                                                                         expected):
+    from rgemma.train.distributed import World
+    from rgemma.train.finetune import _load
+
+    model_path = str(DEFAULT_MODEL) if checkpoint == "embedded" else str(small_checkpoints[checkpoint])
+    world = World(0, 1, torch.device("cpu"))
+    model, _ = _load(settings("x", "y", model=model_path, lora_base_dtype=base), world)
+    matrices, factors = base_matrices(model), {id(p) for p in adapter_parameters(model)}
+    for name, param in model.named_parameters():
+        if id(param) in factors:
+            assert param.dtype == torch.float32 and param.requires_grad, name
+            continue
+        plain = name.replace(".base.", ".").replace("parametrizations.", "").replace(".original", "")
+        assert param.dtype == (expected if plain in matrices else torch.float32) and not param.requires_grad, name
+    # Every frozen linear, adapted or not, keeps no copy for backward (tests/test_frozen.py); the factors train.
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert {type(m) for m in linears if not m.weight.requires_grad} == {FrozenLinear}
+    assert {type(m) for m in linears if m.weight.requires_grad} == {Linear}
+    # Full fine-tuning: float32 master weights, every one trained, as before.
+    model, _ = _load(settings("x", "y", model=model_path, lora_rank=0), world)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, FrozenLinear) for m in model.modules())
+
+
+def test_lora_with_a_16_bit_base_follows_the_float32_base(data, small_checkpoints, tmp_path, one_thread):
+    """The base's matrices in 16 bits, against a float32 base, over 6 steps.
+
+    From a bf16 checkpoint (the embedded model) both hold the file's values: the same products of the same
+    numbers, so the same losses to the bit, in float32 and under bf16 autocast. A float32 checkpoint's matrices
+    are rounded to bf16, each weight by at most 2^-9 of itself; the loss, which sums the effect of many weights,
+    moves by less: measured 2e-4 relative in float32, so 2^-9 (2e-3) is the bound.
+    """
+    def losses(name, **changes):
+        return log_losses(finetune(settings(data, tmp_path / name, **changes)).out)
+
+    for dtype in ("float32", "bfloat16"):
+        assert losses(f"16-{dtype}", dtype=dtype) == losses(f"32-{dtype}", dtype=dtype, lora_base_dtype="float32")
+    small = str(small_checkpoints[torch.float32])
+    rounded, exact = losses("small-16", model=small), losses("small-32", model=small, lora_base_dtype="float32")
+    assert rounded != exact and rounded == pytest.approx(exact, rel=2**-9)
 
 
 def log_entries(out, key):
@@ -322,8 +390,9 @@ def test_command_line(data, tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     assert main(["finetune", "--data", str(data), "--out", str(out), "--lora-rank", "4", "--lora-targets",
                  "input_gate_weight,q_proj", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-                 "--eval-data", str(data), "--eval-every", "1", "--no-progress"]) == 0
+                 "--eval-data", str(data), "--eval-every", "1", "--lora-base-dtype", "float32", "--no-progress"]) == 0
     assert "done at step 2" in capsys.readouterr().err
+    assert torch.load(out / CHECKPOINT_DIR / META_FILE, weights_only=True)["settings"]["lora_base_dtype"] == "float32"
     held_out = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval_loss" in e]
     assert [e["step"] for e in held_out] == [1, 2] and held_out[1]["eval_loss"] < held_out[0]["eval_loss"]
     config = json.loads((out / FINAL_DIR / "adapter_config.json").read_text())

@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-dropout", type=float, default=defaults["lora_dropout"], help="on the linears' inputs")
     lora.add_argument("--lora-targets", help="comma-separated name patterns, e.g. q_proj,linear_x,input_gate_weight "
                       "(default: every block linear and the RG-LRU gates)")
+    lora.add_argument("--lora-base-dtype", choices=("auto", "bfloat16", "float32"), default=defaults["lora_base_dtype"],
+                      help="how the frozen base's matrices (embedding, linears) are stored; auto: a bf16 or float16 "
+                      "checkpoint's own dtype, bf16 for a float32 checkpoint (its weights rounded to bf16; half the "
+                      "memory of float32). Norms, biases, conv, RG-LRU and the adapters stay float32 (default auto)")
     opt = parser.add_argument_group("optimisation")
     for name, kind, help_text in (
         ("steps", int, "optimiser steps in all"),

@@ -109,6 +109,11 @@ def wrap(module: nn.Module, world: World, fsdp: bool) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    # Frozen parameters (a LoRA run's base) are read from the same file by every rank and never change. DDP
+    # would broadcast them from rank 0, writing into each rank's copy-on-write view of the file: a private
+    # copy of the whole base in every process (measured), for nothing.
+    frozen = [name for name, param in module.named_parameters() if not param.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
     return DistributedDataParallel(module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
 
 

@@ -43,6 +43,7 @@ from rgemma.tokenizer import Tokenizer
 from rgemma.train.chat_data import Rows, load_rows
 from rgemma.train.distributed import World, full_state, join_world, leave_world, load_sharded, save_sharded, wrap
 from rgemma.train.finetune_settings import FinetuneSettings
+from rgemma.train.frozen import base_dtype, base_matrices, freeze_linears
 from rgemma.train.loop import interrupt_flag, learning_rate, parameter_groups
 from rgemma.train.loss import next_token_loss
 from rgemma.train.tokens import IGNORE, batch_rows
@@ -112,16 +113,32 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def _load(settings: FinetuneSettings, world: World) -> tuple[Griffin, Path]:
-    """The base model in float32 master weights, on the device, adapters added; its path."""
+    """The base model on the device, adapters added; its path.
+
+    Full fine-tuning: float32 master weights. LoRA: the frozen base's matrices in 16 bits, the rest and the
+    adapters' factors float32 (rgemma/train/frozen.py).
+    """
     path = resolve_model(settings.model)
     torch.manual_seed(settings.seed)  # the adapters' initialisation, the same on every rank
-    model = load_model(path, dtype=torch.float32)
-    # Weights of a float32 file are read-only views of it: give each parameter its own memory.
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            setattr(module, name, nn.Parameter(param.detach().to(world.device, copy=True)))
-    if settings.lora_rank:
+    lora = bool(settings.lora_rank)
+    if lora:
+        model = load_model(path)  # in the checkpoint's dtype, converted below
+        matrices = base_matrices(model)
+        matrix_dtype = base_dtype(settings.lora_base_dtype, model.dtype)
+    else:
+        model = load_model(path, dtype=torch.float32)
+        matrices, matrix_dtype = set(), torch.float32
+    # Weights loaded in the file's dtype and on its device are views of its memory map (copy on write).
+    # The optimiser writes full fine-tuning's weights: each gets its own memory. LoRA's base is never
+    # written: a view stays one, its pages shared by every process that maps the file (torchrun's ranks).
+    for name, param in list(model.named_parameters()):
+        module_path, _, leaf = name.rpartition(".")
+        dtype = matrix_dtype if name in matrices else torch.float32
+        tensor = param.detach().to(world.device, dtype=dtype, copy=not lora)
+        setattr(model.get_submodule(module_path), leaf, nn.Parameter(tensor, requires_grad=not lora))
+    if lora:
         add_lora(model, _lora_settings(settings))
+        freeze_linears(model)
     if settings.activation_checkpointing:
         for layer in model.layers:
             layer.__class__ = CheckpointedBlock  # the same parameters and names: only forward differs

@@ -17,6 +17,9 @@ class FinetuneSettings:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] | None = None  # name patterns; None: every block matrix and the RG-LRU gates
+    # How LoRA stores the frozen base's matrices (rgemma/train/frozen.py): "auto" keeps a bf16 or float16
+    # checkpoint's dtype and stores a float32 one in bf16; "bfloat16"; "float32" (twice the memory).
+    lora_base_dtype: str = "auto"
     steps: int = 100
     batch_size: int = 8  # rows per optimiser step, over all ranks
     micro_batch_size: int | None = None  # rows per forward on one rank (gradient accumulation); None: all of them
@@ -53,6 +56,8 @@ class FinetuneSettings:
             raise ValueError(f"micro_batch_size must be at least 1, got {self.micro_batch_size}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.lora_base_dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"lora_base_dtype must be auto, bfloat16 or float32, got {self.lora_base_dtype!r}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

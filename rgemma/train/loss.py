@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from rgemma.model import Griffin
+from rgemma.train.frozen import compute_dtype
 from rgemma.train.settings import LOSS_CHUNK
 from rgemma.train.tokens import IGNORE
 
 
 def _chunk_loss(h, weight, target, valid, soft_cap: float, with_grad: bool):
-    """Summed loss of one chunk h (C, D), and d(loss)/d(logits before the cap) (C, V) if asked."""
-    logits = F.linear(h, weight.to(h.dtype)).float()  # (C, V)
+    """Summed loss of one chunk h (C, D), and d(loss)/d(logits before the cap) (C, V) if asked; weight (V, D) is
+    in the dtype of the product."""
+    logits = F.linear(h, weight).float()  # (C, V)
     if soft_cap:
         capped = torch.tanh(logits.div_(soft_cap))
         logits = capped * soft_cap
@@ -51,22 +53,30 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp(min=1) if count is None else count
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # Not when the embedding is frozen (LoRA): a gradient the size of the embedding, twice, for nothing.
+        train_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if train_weight else None
+        # Cast once, not per chunk: none under autocast or in the weight's own dtype; a 16-bit frozen
+        # embedding read by float32 activations is a float32 copy while the loss is computed.
+        product_weight = weight.to(compute_dtype(hidden))
         for start in range(0, hidden.shape[0], chunk):
             part = slice(start, start + chunk)
             h = hidden[part]  # (C, D)
-            loss, grad = _chunk_loss(h, weight, targets[part], valid[part], soft_cap, with_grad=True)
+            loss, grad = _chunk_loss(h, product_weight, targets[part], valid[part], soft_cap, with_grad=True)
             total += loss
-            grad_hidden[part] = grad @ weight.to(h.dtype)
-            if ctx.needs_input_grad[1]:  # not when the embedding is frozen (LoRA)
+            grad_hidden[part] = grad @ product_weight
+            if train_weight:
                 grad_weight += (grad.T @ h).float()
-        ctx.save_for_backward(grad_hidden / count, (grad_weight / count).to(weight.dtype))
+        if grad_weight is not None:
+            grad_weight = (grad_weight / count).to(weight.dtype)
+        ctx.save_for_backward(grad_hidden / count, grad_weight)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss, None, None, None, None
+        grad_weight = None if grad_weight is None else grad_weight * grad_loss
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None, None
 
 
 def next_token_loss(model: Griffin, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK,
@@ -80,6 +90,7 @@ def next_token_loss(model: Griffin, hidden: torch.Tensor, targets: torch.Tensor,
     if torch.is_grad_enabled():
         return _ChunkedCrossEntropy.apply(flat, weight, targets, cap, chunk, count)
     valid = targets != IGNORE
+    weight = weight.to(compute_dtype(flat))
     total = sum(_chunk_loss(flat[s : s + chunk], weight, targets[s : s + chunk], valid[s : s + chunk], cap, False)[0]
                 for s in range(0, len(targets), chunk))
     return total / (valid.sum().clamp(min=1) if count is None else count)
