@@ -10,7 +10,8 @@ tick of work and returns the events it produced:
   many prompts arrive at once (each forward, however short, is a whole
   pass over the weights: fifteen 32-token prompts of a 2b model read in one
   tick once held running streams for 12 s); while none runs, about one
-  chunk's worth of tokens in all (many short prompts join in one tick). A request is prefilled alone, in chunks whose ends fall on multiples of
+  chunk's worth of tokens in all (many short prompts join in one tick).
+  A request is prefilled alone, in chunks whose ends fall on multiples of
   the chunk size in its absolute positions, so the products it runs never
   depend on what else is queued or running; its first token is sampled
   when the prompt is read. A request may name more chunk ends (`breaks`,

@@ -213,14 +213,17 @@ class Conv1D(nn.Module):
             shift = layout.num_pad[:, None]
             index = torch.where(index < shift + num_taps, index - shift, index).clamp(min=0)
             history = history.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
-        windows = history.unfold(1, self.conv_width, 1)  # (B, T, L, C + 1), oldest tap first
-        if layout.max_pad or layout.first_position < num_taps:
-            # A tap `back` steps behind a token at document position p exists only if p >= back.
-            back = torch.arange(num_taps, -1, -1, device=x.device)
-            windows = windows * (layout.positions[..., None] >= back)[:, :, None, :].to(x.dtype)
-        weight = self.weight.to(x.dtype)[:, 0]  # (L, C + 1)
-        out = self.bias.to(x.dtype) + (windows * weight).sum(dim=-1)
-        return out, history[:, -num_taps:]  # a view: the caller copies it into the state
+        weight = self.weight.to(x.dtype)[:, 0].T.contiguous()  # (C + 1, L): each tap's weights side by side
+        masked = layout.max_pad or layout.first_position < num_taps
+        # One shifted product per tap, summed from the current input back as the official implementation does:
+        # (B, T, L) tensors only, where windows of all taps at once were (B, T, L, C + 1).
+        out = None
+        for back in range(num_taps + 1):
+            tap = history[:, num_taps - back : num_taps - back + length] * weight[num_taps - back]  # (B, T, L)
+            if masked:  # a tap `back` steps behind a token at document position p exists only if p >= back
+                tap = tap.masked_fill((layout.positions < back)[..., None], 0.0)
+            out = tap if out is None else out.add_(tap)
+        return out.add_(self.bias.to(x.dtype)), history[:, -num_taps:]  # a view: the caller copies it into the state
 
 
 class _SqrtClippedGradient(torch.autograd.Function):
@@ -269,11 +272,14 @@ class RGLRU(nn.Module):
             # softplus(param) = -log(radius)  <=>  param = log(1/radius - 1)
             self.recurrent_param.copy_(torch.log(torch.expm1(-log_radius)))
 
-    def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def gate_product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (B, T, L) times a block-diagonal gate weight (H, L/H, L/H) -> (B, T, L), before the bias."""
         batch, length, width = x.shape
         heads = x.view(batch, length, self.num_heads, -1)  # (B, T, H, L/H)
-        y = torch.einsum("bthi,hij->bthj", heads, weight.to(x.dtype)) + bias.to(x.dtype)
-        return torch.sigmoid(y.float()).reshape(batch, length, width)
+        return torch.einsum("bthi,hij->bthj", heads, weight.to(x.dtype)).reshape(batch, length, width)
+
+    def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((self.gate_product(x, weight) + bias.to(x.dtype).flatten()).float())  # bias (H, L/H)
 
     def forward(
         self, x: torch.Tensor, layout: TokenLayout, h0: torch.Tensor | None

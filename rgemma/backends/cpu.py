@@ -152,13 +152,10 @@ class NativeRGLRU(RGLRU):
         trains = torch.is_grad_enabled() and (x.requires_grad or self.recurrent_param.requires_grad)
         if x.shape[1] == 1 or trains or kernels(self.level) is None:
             return super().forward(x, layout, h0)
-        batch, length, width = x.shape
-        heads = x.view(batch, length, self.num_heads, -1)  # (B, T, H, L/H)
         input_gate, recurrence_gate = (
-            torch.einsum("bthi,hij->bthj", heads, weight.to(x.dtype)).reshape(batch, length, width).float()
-            for weight in (self.input_gate_weight, self.recurrent_gate_weight)
+            self.gate_product(x, weight).float() for weight in (self.input_gate_weight, self.recurrent_gate_weight)
         )
-        h_last = x.new_zeros(batch, width, dtype=torch.float32) if h0 is None else h0.float().clone()
+        h_last = x.new_zeros(x.shape[0], x.shape[2], dtype=torch.float32) if h0 is None else h0.float().clone()
         h = kernels(self.level).rglru_sequence(
             x.float().contiguous(), input_gate.contiguous(), recurrence_gate.contiguous(), self.input_gate_bias,
             self.recurrent_gate_bias, self.recurrent_param, layout.positions.contiguous(), h_last,

@@ -1237,6 +1237,15 @@ void rglru_rows(const float* xs, int64_t M, const RGLRUWeights& w, const float* 
   }
 }
 
+// A tensor's values as contiguous float32, flattened.
+torch::Tensor float_values(const torch::Tensor& t) { return t.to(torch::kFloat32).flatten().contiguous(); }
+
+// -8 softplus(recurrent_param), with torch's softplus threshold of 20: log a = this x the recurrence gate.
+torch::Tensor log_a_rate(const torch::Tensor& recurrent_param) {
+  const auto param = float_values(recurrent_param);
+  return -8.0 * torch::where(param > 20.0, param, torch::log1p(torch::exp(param)));
+}
+
 RGLRUWeights rglru_weights(const torch::Tensor& input_gate_weight, const torch::Tensor& input_gate_bias,
                            const torch::Tensor& recurrence_gate_weight, const torch::Tensor& recurrence_gate_bias,
                            const torch::Tensor& recurrent_param) {
@@ -1248,10 +1257,8 @@ RGLRUWeights rglru_weights(const torch::Tensor& input_gate_weight, const torch::
                 "rglru: gate weights must be contiguous (H, L/H, L/H) tensors");
   for (const torch::Tensor* t : {&input_gate_bias, &recurrence_gate_bias})
     TORCH_CHECK(t->numel() == L, "rglru: gate biases must have L values");
-  auto as_float = [](const torch::Tensor& t) { return t.to(torch::kFloat32).flatten().contiguous(); };
-  const auto param = as_float(recurrent_param);
-  return {input_gate_weight, as_float(input_gate_bias), recurrence_gate_weight, as_float(recurrence_gate_bias),
-          -8.0 * torch::where(param > 20.0, param, torch::log1p(torch::exp(param)))};  // softplus, torch's threshold
+  return {input_gate_weight, float_values(input_gate_bias), recurrence_gate_weight, float_values(recurrence_gate_bias),
+          log_a_rate(recurrent_param)};
 }
 
 // x (M, L) float32, the gates' weights and biases, recurrent_param (L), state h
@@ -1299,9 +1306,8 @@ torch::Tensor rglru_sequence(const torch::Tensor& x, const torch::Tensor& input_
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.dim() == 2 &&
                   positions.size(0) == B && positions.size(1) == T,
               "rglru_sequence: positions must be a contiguous int64 (B, T) tensor");
-  auto as_float = [](const torch::Tensor& t) { return t.to(torch::kFloat32).flatten().contiguous(); };
-  const auto param = as_float(recurrent_param), bi = as_float(input_gate_bias), ba = as_float(recurrence_gate_bias);
-  const auto rate = -8.0 * torch::where(param > 20.0, param, torch::log1p(torch::exp(param)));  // softplus
+  const auto bi = float_values(input_gate_bias), ba = float_values(recurrence_gate_bias),
+             rate = log_a_rate(recurrent_param);
   auto out = torch::empty_like(x);
   const float *xs = x.data_ptr<float>(), *gi = input_gate.data_ptr<float>(), *ga = recurrence_gate.data_ptr<float>();
   const float *bias_i = bi.data_ptr<float>(), *bias_a = ba.data_ptr<float>(), *log_a_rate = rate.data_ptr<float>();
