@@ -20,6 +20,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 
 import rgemma
 from rgemma.engine import Engine, Request
@@ -180,6 +181,21 @@ def test_models_lists_the_served_model_and_others_are_not_found(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="gpt-4", messages=messages_of("hi"), max_tokens=2)
     assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+
+
+def test_a_failed_warm_up_is_reported_not_waited_on(default, monkeypatch):
+    """A model whose first step fails (a bug, or out of memory) must not leave the server warming up forever."""
+    model, tokenizer = default
+    engine = Engine(model, tokenizer, chunk_size=CHUNK)
+    monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("no memory for the state")))
+    app = create_app(engine, Settings(model_name=NAME))
+    with TestClient(app) as http:
+        assert app.state.worker.settled.wait(60)
+        assert not app.state.worker.ready.is_set()
+        health = http.get("/health")
+    assert health.status_code == 500
+    assert health.json()["status"] == "failed"
+    assert "RuntimeError: no memory for the state" in health.json()["reason"]
 
 
 def test_health_and_metrics(server, client):

@@ -96,8 +96,13 @@ def serving(args):
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
-        while not server.started or not app.state.worker.ready.is_set():
+        worker = app.state.worker
+        while not server.started or not worker.settled.is_set():
             time.sleep(0.05)
+        if worker.failure:
+            server.should_exit = True
+            thread.join()
+            raise ValueError(worker.failure)
         describe = (f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:,.0f} M parameters, "
                     f"{engine.backend.describe()}, {torch.get_num_threads()} threads")
         try:

@@ -79,8 +79,15 @@ def run(args) -> None:
                         max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, cache_bytes=args.cache_bytes)
     app = create_app(engine, settings)
 
+    worker = app.state.worker
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+
     def say_when_ready():
-        app.state.worker.ready.wait()
+        worker.settled.wait()
+        if worker.failure:  # the traceback is printed; stop serving, and say why below
+            server.should_exit = True
+            return
         print(f"rgemma: serving {name!r} at http://{args.host}:{args.port}/v1 "
               f"({engine.backend.describe()['decode']} decode), ready", file=sys.stderr, flush=True)
 
@@ -89,4 +96,6 @@ def run(args) -> None:
               "use the model (--api-key or RGEMMA_API_KEY)", file=sys.stderr)
     threading.Thread(target=say_when_ready, daemon=True).start()
     # On Ctrl-C or SIGTERM, streams still running get a few seconds to end, then are cut.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server.run()
+    if worker.failure:
+        raise ValueError(worker.failure)

@@ -181,8 +181,11 @@ def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
 
     app.openapi = openapi
 
-    @app.get("/health", responses={503: {"description": "the model is warming up"}})
+    @app.get("/health", responses={503: {"description": "the model is warming up"},
+                                   500: {"description": "the model failed its warm-up step"}})
     async def health():
+        if worker.failure:
+            return JSONResponse({"status": "failed", "reason": worker.failure}, status_code=500)
         ready = worker.ready.is_set()
         return JSONResponse({"status": "ready" if ready else "warming up"}, status_code=200 if ready else 503)
 

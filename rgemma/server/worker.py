@@ -88,7 +88,9 @@ class Worker:
         self.cache = cache if cache is not None and cache.max_bytes > 0 else None
         self.metrics = metrics or Metrics()
         self.max_queue = max_queue
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # the warm-up step has run
+        self.settled = threading.Event()  # the warm-up has run, or failed: then `failure` says why
+        self.failure: str | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: deque[Job] = deque()  # submitted, not yet given to the engine
         self._owners: dict[int, tuple[Job, int]] = {}  # engine request id -> (job, choice)
@@ -128,8 +130,15 @@ class Worker:
     # The worker's side ----------------------------------------------------------------
 
     def _run(self) -> None:
-        self._warm_up()
+        try:
+            self._warm_up()
+        except Exception as error:  # no step can run (a bug, out of memory): the server must not wait on it
+            traceback.print_exc(file=sys.stderr)
+            self.failure = f"the model's warm-up step failed ({type(error).__name__}: {error})"
+            self.settled.set()
+            return
         self.ready.set()
+        self.settled.set()
         while True:
             idle = not self.engine.has_work and not self._pending
             try:
