@@ -142,7 +142,10 @@ def test_native_blocks_equal_the_modules_on_quantized_weights(bits, width, level
             state.position.add_(1)
             native_state.position.add_(1)
     errors = torch.tensor(errors)
-    assert errors.median() < 5e-5 and errors.max() < 2e-2, errors
+    # Most blocks take no quantized product on these tiny models; those that do differ by the activations'
+    # quantization: up to 2.4e-2 measured (x in blocks of 256 inputs against int8 weights, which the int4
+    # models keep for some layers too).
+    assert errors.median() < 5e-5 and errors.max() < 4e-2, errors
     for got, want in zip(native_state.tensors(), state.tensors()):
         assert relative_error(got.double(), want.double()) < 2e-2
 
@@ -233,10 +236,11 @@ def test_without_native_kernels_the_step_is_the_plain_forward():
 def test_every_level_steps_as_the_plain_path_at_every_batch_size(bits, level):
     """One fused step of bf16, int8 and int4 weights at 1, 3 and 16 rows against the plain PyTorch path (the
     modules' own forward, no native kernel anywhere). Quantized weights: the plain path multiplies float
-    activations, the kernels int8 ones, about 1e-2 apart per product here and 0.15 apart on the logits after
-    every layer with int4 weights (measured); a misread weight is off by the whole output."""
+    activations, the kernels int8 ones (blocks of 256 inputs against int8 weights, 64 against int4), about
+    1e-2 apart per product here, 0.08 apart on the logits after every layer with int8 weights and 0.15 with
+    int4 (measured); a misread weight is off by the whole output."""
     griffin = model(torch.bfloat16, bits)
-    tolerance = {None: step_tolerance(torch.bfloat16, level), 8: 8e-2, 4: 0.25}[bits]
+    tolerance = {None: step_tolerance(torch.bfloat16, level), 8: 0.12, 4: 0.25}[bits]
     for rows in (1, 3, 16):
         tokens = torch.randint(0, griffin.config.vocab_size, (rows, 6), generator=torch.Generator().manual_seed(rows))
         plain = prepare(griffin, options=Options(native_kernels=False, native_bf16=False))

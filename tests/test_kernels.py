@@ -64,24 +64,27 @@ def activations(rows: int, inputs: int, seed: int) -> torch.Tensor:
 
 
 def quantize_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> int8 values as float64 (M, K/block, block), scales float64 (M, K/block)."""
-    blocks = x.unflatten(1, (-1, block))
-    amax = blocks.abs().amax(-1)
+    """x (M, K) -> int8 values as float64 (M, K), scales float64 (M, ceil(K/block)): per block of `block`
+    inputs, the last one shorter where K is not a multiple of it."""
+    blocks = x.split(block, dim=1)
+    amax = torch.stack([b.abs().amax(-1) for b in blocks], dim=1)  # (M, blocks)
     inverse = torch.where(amax > 0, 127.0 / amax, 0.0)  # float32, as the kernel computes it
-    q = torch.round(blocks * inverse[..., None])  # torch.round rounds half to even, as nearbyint
+    # torch.round rounds half to even, as nearbyint
+    q = torch.cat([torch.round(b * inverse[:, i, None]) for i, b in enumerate(blocks)], dim=1)
     return q.double(), (amax / 127.0).double()
 
 
 def int8_mirror(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    xq, xs = quantize_activations(x, 32)
-    dots = torch.einsum("mbi,nbi->mnb", xq, q.double().unflatten(1, (-1, 32)))  # exact integer sums
+    xq, xs = quantize_activations(x, 256)
+    dots = torch.stack([xb @ qb.T for xb, qb in zip(xq.split(256, 1), q.double().split(256, 1))], -1)  # exact
     return (dots * xs[:, None, :]).sum(-1) * scale.double()
 
 
 def int4_mirror(x, packed, scale, minimum, group) -> torch.Tensor:
     from rgemma.quantize import unpack_int4
 
-    xq, xs = quantize_activations(x, 64)  # (M, K/64, 64)
+    xq, xs = quantize_activations(x, 64)
+    xq = xq.unflatten(1, (-1, 64))  # (M, K/64, 64)
     q = unpack_int4(packed).double().unflatten(1, (-1, 64))  # (N, K/64, 64)
     dots = torch.einsum("mbi,nbi->mnb", xq, q)
     per_block = scale.double().repeat_interleave(group // 64, dim=1)  # (N, K/64)
@@ -91,7 +94,7 @@ def int4_mirror(x, packed, scale, minimum, group) -> torch.Tensor:
     return (dots * block_scales).sum(-1) + group_sums @ minimum.double().T
 
 
-@pytest.mark.parametrize("inputs", [32, 96, 320])
+@pytest.mark.parametrize("inputs", [32, 96, 320, 768])  # 320: a short last block of x; 768: three whole ones
 def test_int8_kernel_equals_its_mirror(native, inputs):
     generator = torch.Generator().manual_seed(inputs)
     q = torch.randint(-127, 128, (OUTPUTS, inputs), generator=generator, dtype=torch.int8)
