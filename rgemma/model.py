@@ -217,17 +217,18 @@ class Conv1D(nn.Module):
             shift = layout.num_pad[:, None]
             index = torch.where(index < shift + num_taps, index - shift, index).clamp(min=0)
             history = history.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
-        weight = self.weight.to(x.dtype)[:, 0].T.contiguous()  # (C + 1, L): each tap's weights side by side
+        weight = self.weight.to(x.dtype)[:, 0].T.contiguous()  # (C + 1, L): one contiguous row per tap
         masked = layout.max_pad or layout.first_position < num_taps
-        # One shifted product per tap, summed from the current input back as the official implementation does:
-        # (B, T, L) tensors only, where windows of all taps at once were (B, T, L, C + 1).
-        out = None
+        # One multiply-add per tap, each over (B, T, L): no (B, T, L, C + 1) windows of all taps at once, and
+        # few passes (the first adds to the bias, so the output is written once and then updated in place).
+        out = self.bias.to(x.dtype)
         for back in range(num_taps + 1):
-            tap = history[:, num_taps - back : num_taps - back + length] * weight[num_taps - back]  # (B, T, L)
+            inputs = history[:, num_taps - back : num_taps - back + length]  # (B, T, L), `back` steps behind
             if masked:  # a tap `back` steps behind a token at document position p exists only if p >= back
-                tap = tap.masked_fill((layout.positions < back)[..., None], 0.0)
-            out = tap if out is None else out.add_(tap)
-        return out.add_(self.bias.to(x.dtype)), history[:, -num_taps:]  # a view: the caller copies it into the state
+                inputs = inputs.masked_fill((layout.positions < back)[..., None], 0.0)
+            tap = weight[num_taps - back]  # (L,)
+            out = torch.addcmul(out, inputs, tap) if back == 0 else out.addcmul_(inputs, tap)
+        return out, history[:, -num_taps:]  # a view: the caller copies it into the state
 
 
 class _SqrtClippedGradient(torch.autograd.Function):
