@@ -140,10 +140,19 @@ def test_the_level_is_the_best_the_cpu_flags_allow(monkeypatch):
     monkeypatch.setattr(native, "cpu_flags", lambda: AVX2_ONLY)
     assert native.machine_levels() == ["avx2"]
     assert native.chosen_level() == "avx2"
-    monkeypatch.setattr(native, "cpu_flags", lambda: AVX2_ONLY | {"avx512f", "avx512bw", "avx512vl"})
+    monkeypatch.setattr(native, "cpu_flags", lambda: AVX2_ONLY | {"avx_vnni"})  # an Alder Lake, say
+    assert native.machine_levels() == ["avx2", "avx2-vnni"]
+    assert native.chosen_level() == "avx2-vnni"
+    avx512 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512vl"}
+    monkeypatch.setattr(native, "cpu_flags", lambda: avx512)
     assert native.chosen_level() == "avx512"
-    monkeypatch.setattr(native, "cpu_flags", lambda: AVX2_ONLY | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                                                                  "avx512_bf16"})
+    monkeypatch.setattr(native, "cpu_flags", lambda: avx512 | {"avx512_vnni"})  # a Cascade Lake
+    assert native.chosen_level() == "avx512-vnni"
+    monkeypatch.setattr(native, "cpu_flags", lambda: avx512 | {"avx512_vnni", "avx512_bf16"})  # a Zen 4
+    assert native.machine_levels() == ["avx2", "avx512", "avx512-vnni", "avx512-vnni-bf16"]
+    assert native.chosen_level() == "avx512-vnni-bf16"
+    sapphire_rapids = avx512 | {"avx512_vnni", "avx512_bf16", "avx_vnni"}
+    monkeypatch.setattr(native, "cpu_flags", lambda: sapphire_rapids)
     assert native.chosen_level() == "avx512-vnni-bf16"
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"sse2", "avx"}))  # no AVX2: no native kernels
     assert native.chosen_level() is None and native.kernels() is None
@@ -157,7 +166,7 @@ def test_a_forced_level_must_be_known_and_run_here(monkeypatch):
     monkeypatch.setenv(native.LEVEL_VARIABLE, "avx512")
     with pytest.raises(ValueError, match="RGEMMA_CPU_LEVEL='avx512': this CPU lacks avx512f, avx512bw, avx512vl"):
         native.chosen_level()
-    with pytest.raises(ValueError, match="Options.cpu_level='sse9': valid levels are avx2, avx512"):
+    with pytest.raises(ValueError, match="Options.cpu_level='sse9': valid levels are avx2, avx2-vnni, avx512"):
         Options(cpu_level="sse9").resolved()
 
 
@@ -190,7 +199,7 @@ def test_build_kernels_names_each_level_and_refuses_one_the_cpu_lacks(monkeypatc
     assert main(["build-kernels", "--level", "avx512"]) == 1
     assert "this CPU lacks avx512f" in capsys.readouterr().err
     assert main(["build-kernels", "--level", "avx3"]) == 1
-    assert "valid levels are avx2, avx512, avx512-vnni-bf16" in capsys.readouterr().err
+    assert "valid levels are avx2, avx2-vnni, avx512, avx512-vnni, avx512-vnni-bf16" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(native.chosen_level() is None or native.kernels() is None, reason="no native kernels here")

@@ -14,7 +14,7 @@ nowhere else:
 - RGEMMA_CPU_BF16=0/1: treat the CPU as without / with fast bf16 arithmetic,
   whatever it reports (which prefill GEMM bf16 models use);
 - RGEMMA_CUDA_GRAPHS=0: no CUDA graphs for decode steps;
-- RGEMMA_CPU_LEVEL=avx2 (avx512, avx512-vnni-bf16): the native kernels built
+- RGEMMA_CPU_LEVEL=avx2 (avx2-vnni, avx512, avx512-vnni, avx512-vnni-bf16): the native kernels built
   for that instruction-set level instead of the best this CPU runs
   (native.py; `rgemma info --hardware` shows the choice).
 """

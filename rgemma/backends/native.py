@@ -69,12 +69,17 @@ class Level:
 
 
 _AVX2 = Level("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"))
+# Integer dot products (vpdpbusd) in the VEX encoding, on CPUs without AVX-512 (Intel since Alder Lake).
+_AVX2_VNNI = Level("avx2-vnni", _AVX2.cpu_flags + ("avx_vnni",), _AVX2.compile_flags + ("-mavxvnni",))
 _AVX512 = Level("avx512", _AVX2.cpu_flags + ("avx512f", "avx512bw", "avx512vl"),
                 _AVX2.compile_flags + ("-mavx512f", "-mavx512bw", "-mavx512vl"))
-# Integer dot products (vpdpbusd) and bf16 dot products (vdpbf16ps).
-_AVX512_VNNI_BF16 = Level("avx512-vnni-bf16", _AVX512.cpu_flags + ("avx512_vnni", "avx512_bf16"),
-                          _AVX512.compile_flags + ("-mavx512vnni", "-mavx512bf16"), bf16_dot=True)
-LEVELS = {level.name: level for level in (_AVX2, _AVX512, _AVX512_VNNI_BF16)}  # lowest first
+# Integer dot products without bf16 ones (Intel Cascade Lake and Ice Lake).
+_AVX512_VNNI = Level("avx512-vnni", _AVX512.cpu_flags + ("avx512_vnni",), _AVX512.compile_flags + ("-mavx512vnni",))
+# Integer dot products and bf16 dot products (vdpbf16ps): AMD Zen 4, Intel Cooper Lake and Sapphire Rapids.
+_AVX512_VNNI_BF16 = Level("avx512-vnni-bf16", _AVX512_VNNI.cpu_flags + ("avx512_bf16",),
+                          _AVX512_VNNI.compile_flags + ("-mavx512bf16",), bf16_dot=True)
+# Lowest first: a CPU takes the last level whose flags it has all of.
+LEVELS = {level.name: level for level in (_AVX2, _AVX2_VNNI, _AVX512, _AVX512_VNNI, _AVX512_VNNI_BF16)}
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 // rgemma/backends/native.py builds this file once per instruction-set level,
 // and the code below takes what each level has (`#if defined(__AVX512F__)`
 // and the like): 16-lane float products with AVX-512, integer dot products
-// in one instruction with VNNI (vpdpbusd), and bf16 dot products with
+// in one instruction with VNNI (vpdpbusd: AVX512-VNNI or AVX-VNNI), and bf16 dot products with
 // AVX512-BF16 (vdpbf16ps, the activations rounded to bf16 for them).
 // Everything else is AVX2 on every level.
 //
@@ -426,19 +426,26 @@ inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_c
 // The 8 int32 sums of 4 adjacent products of u8 `a` and s8 `b` (a1 and b1,
 // plus a2 and b2), exact for the operands below: the pairs of products fit
 // s16 (|b| <= 127, and a <= 127, or a <= 15 where two pairs are added). VNNI
-// takes one instruction (vpdpbusd) per pair of operands, AVX2 three (four
-// where they are added to `sums`).
-inline __m256i add_products(__m256i sums, __m256i a, __m256i b) {
+// (AVX512-VNNI, or the VEX-encoded AVX-VNNI of CPUs without AVX-512) takes
+// one instruction (vpdpbusd) per pair of operands, AVX2 three (four where
+// they are added to `sums`).
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(sums, a, b);
+inline __m256i dpbusd(__m256i sums, __m256i a, __m256i b) { return _mm256_dpbusd_epi32(sums, a, b); }
+#elif defined(__AVXVNNI__)
+inline __m256i dpbusd(__m256i sums, __m256i a, __m256i b) { return _mm256_dpbusd_avx_epi32(sums, a, b); }
+#endif
+
+inline __m256i add_products(__m256i sums, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+  return dpbusd(sums, a, b);
 #else
   return _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
 #endif
 }
 
 inline __m256i products(__m256i a1, __m256i b1, __m256i a2, __m256i b2) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a1, b1), a2, b2);
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+  return dpbusd(dpbusd(_mm256_setzero_si256(), a1, b1), a2, b2);
 #else
   return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(a1, b1), _mm256_maddubs_epi16(a2, b2)),
                            _mm256_set1_epi16(1));
@@ -1563,7 +1570,7 @@ class Decoder {
 
   struct Source {
     torch::Tensor tensor;
-    uint32_t version;
+    int64_t version;  // the tensor's in-place update counter
     const void* data;
   };
 
