@@ -237,3 +237,24 @@ def test_attention_cost_is_linear_in_length(tiny, monkeypatch):
     assert len(shapes) == 2 * (4 + 2)  # two attention layers, one call per query block
     assert max(queries for queries, _ in shapes) <= block
     assert max(keys for _, keys in shapes) <= block + 2 * window
+
+
+@torch.no_grad()
+def test_conv_equals_torch_depthwise_conv_restarted_at_each_document():
+    from rgemma.model import Conv1D, TokenLayout
+
+    width, conv_width = 8, 4
+    conv = Conv1D(width, conv_width, dtype=torch.float64)
+    conv.reset_parameters()
+    conv.bias.normal_()
+    x = torch.randn(1, 20, width, dtype=torch.float64)
+    positions = torch.cat([torch.arange(12), torch.arange(8)])[None]  # a second document starts at index 12
+    taps = torch.randn(1, conv_width - 1, width, dtype=torch.float64)  # the state's: the first document drops them
+    out, last = conv(x, TokenLayout.of(positions, has_history=True), taps)
+
+    def causal_conv(part):  # (1, T, L) -> torch's depthwise convolution over zeros before the document
+        padded = torch.nn.functional.pad(part.transpose(1, 2), (conv_width - 1, 0))
+        return torch.nn.functional.conv1d(padded, conv.weight, conv.bias, groups=width).transpose(1, 2)
+
+    torch.testing.assert_close(out, torch.cat([causal_conv(x[:, :12]), causal_conv(x[:, 12:])], dim=1))
+    torch.testing.assert_close(last, x[:, -(conv_width - 1):])
