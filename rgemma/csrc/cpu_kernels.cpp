@@ -596,7 +596,8 @@ void int8_tile(const Int8Row* rows, const QuantizedX& xq, int64_t m0, float* y, 
     for (int m = 0; m < MB; ++m) y[m * ldy + r] = horizontal_sum(acc[r][m]) * rows[r].scale;
 }
 
-struct Int8Tiles {
+// The tiles of int8 or int4 rows, against x quantized for them.
+struct IntegerTiles {
   const QuantizedX& xq;
   float* y;
   int64_t N;
@@ -604,12 +605,6 @@ struct Int8Tiles {
   void run(const Int8Row* rows, int64_t m, int64_t n, int64_t ahead) const {
     int8_tile<R, MB>(rows, xq, m, y + m * N + n, N, ahead);
   }
-};
-
-struct Int4Tiles {
-  const QuantizedX& xq;
-  float* y;
-  int64_t N;
   template <int R, int MB>
   void run(const Int4Row* rows, int64_t m, int64_t n, int64_t ahead) const {
     int4_tile<R, MB>(rows, xq, m, y + m * N + n, N, ahead);
@@ -739,7 +734,7 @@ struct Linear {
         const int8_t* p = weight.data_ptr<int8_t>();
         const float* s = scale.data_ptr<float>();
         return tiles_job<1, Int8Row>(M, N, [=](int64_t n) { return Int8Row{p + n * K, s[n]}; },
-                                     Int8Tiles{x.quantized(K, kInt8XBlock), y, N});
+                                     IntegerTiles{x.quantized(K, kInt8XBlock), y, N});
       }
       default: {
         const uint8_t* p = weight.data_ptr<uint8_t>();
@@ -748,7 +743,7 @@ struct Linear {
         const int64_t groups = K / group, blocks_per_group = group / Int4Row::kInputs;
         return tiles_job<1, Int4Row>(M, N, [=](int64_t n) {
           return Int4Row{p + n * (K / 2), s + n * groups, mn + n * groups, blocks_per_group};
-        }, Int4Tiles{x.quantized(K, Int4Row::kInputs), y, N});
+        }, IntegerTiles{x.quantized(K, Int4Row::kInputs), y, N});
       }
     }
   }
