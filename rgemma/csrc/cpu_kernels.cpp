@@ -31,8 +31,10 @@
 // against int8 weights, whose scale is per row: the integer sums run over a
 // whole block before one multiply-add applies x's scale (as llama.cpp's
 // 256-input q8_K activations). Against int4 weights, whose scales change
-// every 64 inputs, blocks are 64 inputs. tests/test_kernels.py holds the same
-// arithmetic in PyTorch and compares the two.
+// every 64 inputs, blocks are 64 inputs. With AVX512-VNNI, int8 weights meet x
+// in 512-bit products as unsigned q + 128, and a per-row sum of x takes the
+// 128 off (int8_tile). tests/test_kernels.py holds the same arithmetic in
+// PyTorch and compares the two.
 //
 // Threads: torch's intra-op pool (at::parallel_for), over strips of output rows of
 // every product that reads the same input at once (run_jobs).
@@ -378,6 +380,7 @@ struct QuantizedX {
   std::vector<int8_t> q;      // (M, K)
   std::vector<float> scale;   // (M, stride), zero in the padding
   std::vector<float> sums;    // (M, stride): the sum of x over each block, for the int4 minima
+  std::vector<float> offsets;  // (M): 128 times the sum of q * scale over the row, for unsigned weights
 };
 
 inline float horizontal_max(__m256 v) {
@@ -392,10 +395,11 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int64_t block) {
   const int64_t blocks = (K + block - 1) / block,
                 stride = (blocks + kBlocksPerStep - 1) / kBlocksPerStep * kBlocksPerStep;
   QuantizedX out{K, block, blocks, stride, std::vector<int8_t>(M * K), std::vector<float>(M * stride, 0.0f),
-                 std::vector<float>(M * stride, 0.0f)};
+                 std::vector<float>(M * stride, 0.0f), std::vector<float>(M, 0.0f)};
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleaving
-  for (int64_t m = 0; m < M; ++m)
+  for (int64_t m = 0; m < M; ++m) {
+    double offset = 0.0;
     for (int64_t b = 0; b < blocks; ++b) {
       const float* values = x + m * K + b * block;
       const int64_t length = std::min(block, K - b * block);
@@ -409,15 +413,21 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int64_t block) {
       out.scale[m * stride + b] = top / 127.0f;
       out.sums[m * stride + b] = horizontal_sum(sum);
       const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+      __m256i q_sum = _mm256_setzero_si256();
       for (int64_t i = 0; i < length; i += 32) {
         __m256i q[4];
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j) {
           q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(values + i + 8 * j), inverse));
+          q_sum = _mm256_add_epi32(q_sum, q[j]);
+        }
         const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + m * K + b * block + i),
                             _mm256_permutevar8x32_epi32(bytes, order));
       }
+      offset += 128.0 * out.scale[m * stride + b] * horizontal_sum(_mm256_cvtepi32_ps(q_sum));
     }
+    out.offsets[m] = static_cast<float>(offset);
+  }
   return out;
 }
 
@@ -553,6 +563,68 @@ void int4_tile(const Row* rows, const QuantizedX& xq, int64_t m0, float* y, int6
     for (int m = 0; m < MB; ++m) y[m * ldy + r] = horizontal_sum(acc[r][m]);
 }
 
+#if defined(__AVX512VNNI__)
+// y[m, r] for R rows of int8 weights and MB rows of x, in 512-bit vectors:
+// 64 inputs per vpdpbusd, which multiplies unsigned by signed, so the weights
+// meet x as q + 128 (q ^ 0x80, one instruction per 64 weights for every row
+// of x) and the row's 128 * sum(q_x * scale) comes off at the end (x's
+// `offsets`). The products of each block of x add up in int32 lanes (exact:
+// 256 x 255 x 127 < 2^24, so the convert is exact too), then one convert and
+// one multiply-add apply x's scale. Against the 256-bit tiles below this is
+// under half the instructions per weight: no sign transfer, twice the
+// inputs each. Below 4 rows of x each sum is spread over 4 / MB chains, so
+// that the products do not wait on each other's latency; a last 32 inputs
+// are read through a mask.
+constexpr int64_t kInt8Rows = 2;  // weight rows per tile: each x vector is loaded once for both
+template <int R, int MB>
+void int8_tile(const Int8Row* rows, const QuantizedX& xq, int64_t m0, float* y, int64_t ldy, int64_t ahead) {
+  constexpr int kChains = MB >= 4 ? 1 : 4 / MB;
+  constexpr int64_t kStep = 64;
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int8_t* x = xq.q.data() + m0 * xq.K;
+  for (int64_t b = 0; b < xq.blocks; ++b) {
+    const int64_t begin = b * xq.block, end = std::min(xq.K, begin + xq.block);
+    __m512i sums[R][MB][kChains];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m)
+        for (int c = 0; c < kChains; ++c) sums[r][m][c] = _mm512_setzero_si512();
+    // The products of inputs k .. k + 64, loaded by `load` (whole, or the first of them).
+    auto add = [&](int64_t k, int chain, auto load) {
+      __m512i w[R];
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(rows[r].bytes(k) + ahead, _MM_HINT_T1);
+        w[r] = _mm512_xor_si512(load(rows[r].q + k), offset);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xm = load(x + m * xq.K + k);
+        for (int r = 0; r < R; ++r) sums[r][m][chain] = _mm512_dpbusd_epi32(sums[r][m][chain], w[r], xm);
+      }
+    };
+    auto whole = [](const int8_t* p) { return _mm512_loadu_si512(p); };
+    int64_t k = begin;
+    for (; k + kChains * kStep <= end; k += kChains * kStep)
+      for (int c = 0; c < kChains; ++c) add(k + c * kStep, c, whole);  // unrolled: the chains stay in registers
+    for (; k + kStep <= end; k += kStep) add(k, 0, whole);
+    if (k < end) {  // x is zero past the mask, so the weights' 128 there adds nothing
+      const __mmask64 tail = (__mmask64{1} << (end - k)) - 1;
+      add(k, 0, [tail](const int8_t* p) { return _mm512_maskz_loadu_epi8(tail, p); });
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) {
+        __m512i sum = sums[r][m][0];
+        for (int c = 1; c < kChains; ++c) sum = _mm512_add_epi32(sum, sums[r][m][c]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xq.scale[(m0 + m) * xq.stride + b]),
+                                    acc[r][m]);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m)
+      y[m * ldy + r] = (_mm512_reduce_add_ps(acc[r][m]) - xq.offsets[m0 + m]) * rows[r].scale;
+}
+#else
 // y[m, r] for R rows of int8 weights and MB rows of x. The products of each
 // block of x add up in int32 lanes (exact: 256 x 127 x 127 < 2^31), then one
 // convert and one multiply-add apply x's scale: this halved the cost at 4
@@ -595,6 +667,8 @@ void int8_tile(const Int8Row* rows, const QuantizedX& xq, int64_t m0, float* y, 
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) y[m * ldy + r] = horizontal_sum(acc[r][m]) * rows[r].scale;
 }
+constexpr int64_t kInt8Rows = 1;
+#endif
 
 // The tiles of int8 or int4 rows, against x quantized for them.
 struct IntegerTiles {
@@ -733,8 +807,8 @@ struct Linear {
       case torch::kInt8: {
         const int8_t* p = weight.data_ptr<int8_t>();
         const float* s = scale.data_ptr<float>();
-        return tiles_job<1, Int8Row>(M, N, [=](int64_t n) { return Int8Row{p + n * K, s[n]}; },
-                                     IntegerTiles{x.quantized(K, kInt8XBlock), y, N});
+        return tiles_job<kInt8Rows, Int8Row>(M, N, [=](int64_t n) { return Int8Row{p + n * K, s[n]}; },
+                                             IntegerTiles{x.quantized(K, kInt8XBlock), y, N});
       }
       default: {
         const uint8_t* p = weight.data_ptr<uint8_t>();
