@@ -323,6 +323,27 @@ def test_accumulation_and_checkpointing_leave_the_step_unchanged(tmp_path, one_t
     assert log_entries(runs["recomputed"], "loss") == pytest.approx(log_entries(runs["whole"], "loss"), rel=1e-6)
 
 
+def test_gradients_are_clipped_to_grad_clip(data, tmp_path, monkeypatch, one_thread):
+    """Every step clips the trained parameters' gradient to --grad-clip before the optimiser reads it; the log
+    holds the norm before clipping."""
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm = clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
+        calls.append((float(norm), max_norm, float(after)))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    out = finetune(settings(data, tmp_path / "run", steps=3, grad_clip=0.01)).out
+    assert [max_norm for _, max_norm, _ in calls] == [0.01] * 3
+    for before, _, after in calls:
+        assert before > 0.01 and after == pytest.approx(0.01, rel=1e-4)
+    assert log_entries(out, "grad_norm") == pytest.approx([before for before, _, _ in calls], rel=1e-6)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupted_and_resumed_run_has_the_same_curve(data, tmp_path, stop, one_thread):
     """Ctrl-C and SIGTERM (kill, a scheduler) both end the run after the step with a checkpoint; dropout draws
