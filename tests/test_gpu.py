@@ -1,8 +1,11 @@
 """Checks that need a CUDA device (`python -m pytest -m gpu` on a GPU machine; deselected by default).
 
 The fused Triton scan against the reference loop, the model on CUDA against
-the model on the CPU, and CUDA-graph decoding against the plain forward.
+the model on the CPU, CUDA-graph decoding against the plain forward, and
+fine-tuning on CUDA against fine-tuning on the CPU.
 """
+
+import json
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from rgemma.backends import prepare
 from rgemma.engine import Engine, Request
 from rgemma.sampling import SamplingParams
 from rgemma.scan import linear_scan, linear_scan_loop
+from rgemma.train.finetune import finetune
+from rgemma.train.finetune_settings import FinetuneSettings
 from rgemma.triton_scan import scan as fused_scan
 
 from conftest import perturb_
@@ -115,3 +120,26 @@ def test_engine_on_cuda_gives_each_request_its_tokens_alone(cuda):
     for request, tokens in zip(requests, together):
         solo = Engine(model, chunk_size=4)
         assert tokens_of(solo, [solo.add(request)]) == [tokens]
+
+
+@pytest.mark.parametrize("lora_rank", [8, 0], ids=["lora", "full"])
+def test_finetune_on_cuda_follows_the_cpu_curve(cuda, tmp_path, lora_rank):
+    """`rgemma finetune --device cuda` on the embedded model, float32: the CPU's losses within 1e-3 relative
+    (the same sums in another order)."""
+    data = tmp_path / "train.jsonl"
+    replies = ["Apple.", "Ocean, deep and blue.", "Forest.", "Night falls early."]
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Secret {i}?"},
+                                                     {"role": "assistant", "content": reply}]}) + "\n"
+                            for i, reply in enumerate(replies)))
+
+    def losses(device):
+        settings = FinetuneSettings(data=str(data), out=str(tmp_path / device), lora_rank=lora_rank, steps=4,
+                                    batch_size=4, seq_len=32, lr=5e-3 if lora_rank else 1e-4, warmup=1,
+                                    checkpoint_every=100, log_every=1, progress=False, dtype="float32",
+                                    device=device)
+        log = (finetune(settings).out / "log.jsonl").read_text().splitlines()
+        return [entry["loss"] for entry in map(json.loads, log) if "loss" in entry]
+
+    on_cpu, on_cuda = losses("cpu"), losses(cuda.type)
+    assert len(on_cuda) == 4
+    assert on_cuda == pytest.approx(on_cpu, rel=1e-3)
