@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from rgemma.config import Config
-from rgemma.model import Griffin, ResidualBlock
+from rgemma.model import Griffin
 from rgemma.train.distributed import World, wrap
 from rgemma.train.finetune import LossModel
 
@@ -21,14 +21,18 @@ def world_of_one(tmp_path):
         dist.destroy_process_group()
 
 
+def unit_parameters(unit: FSDPModule) -> set[int]:
+    """The parameters this unit itself shards and gathers (not those of units inside it), by identity."""
+    return {id(p.sharded_param) for p in unit._get_fsdp_state()._fsdp_param_group.fsdp_params}
+
+
 def test_fsdp_shards_each_residual_block_as_a_unit_and_the_embedding_in_the_root(world_of_one):
     model = Griffin(Config.preset("tiny"))
     net = wrap(LossModel(model, 64, None), world_of_one, fsdp=True)
-    units = [name for name, module in net.named_modules() if isinstance(module, FSDPModule)]
+    units = {name: module for name, module in net.named_modules() if isinstance(module, FSDPModule)}
     blocks = [f"model.layers.{i}" for i in range(len(model.layers))]
-    assert units == ["", *blocks]  # the root, then one unit per block, and nothing else
-    assert all(isinstance(module, ResidualBlock) for module in model.layers)
-    # Each unit's parameters are sharded tensors; the embedding and final norm belong to the root alone.
-    root_only = {name for name, _ in net.named_parameters() if not name.startswith("model.layers.")}
-    assert {"model.embed_tokens.weight", "model.final_norm.weight"} <= root_only
-    assert all(type(param).__name__ == "DTensor" for param in net.parameters())
+    assert list(units) == ["", *blocks]  # the root, then one unit per block, and nothing else
+    for name in blocks:
+        assert unit_parameters(units[name]) == {id(p) for p in net.get_submodule(name).parameters()}
+    # The root holds what no block does: the tied embedding and the final norm.
+    assert unit_parameters(units[""]) == {id(model.embed_tokens.weight), id(model.final_norm.weight)}

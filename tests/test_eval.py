@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,9 +187,6 @@ def test_a_million_token_document_in_one_pass_in_bounded_memory(tmp_path):
     tokens. One forward over the whole document would hold tens of GiB of activations (1M x 480 floats is
     1.8 GiB per MLP activation alone). The chunked result equals one pass within TOLERANCE (tested above on
     documents one forward can hold)."""
-    import subprocess
-    import sys
-
     path = tmp_path / "long.txt"
     with open(path, "w") as out:
         for i in range(26_000):
